@@ -73,7 +73,7 @@ def plot_recall_qps(records: Sequence[BenchResult], path: str | os.PathLike,
     """
     fig, ax = _figure()
     for i, (label, points) in enumerate(_lines(records, "recall", "qps").items()):
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], label=label)
     ax.set_yscale("log")
     ax.set_xlabel(f"recall@{k}" if k else "recall")
@@ -87,7 +87,7 @@ def plot_lookup(records: Sequence[LookupResult], path: str | os.PathLike,
     """Lookup accuracy (y) against memory size in entries (x, log scale), one line per backend."""
     fig, ax = _figure()
     for i, (label, points) in enumerate(_lines(records, "size", "accuracy").items()):
-        xs, ys = zip(*points)
+        xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], label=label)
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(_entries)

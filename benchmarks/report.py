@@ -105,7 +105,7 @@ def format_table(records: Sequence[Any], columns: Sequence[str] | None = None) -
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(s.rjust(w) if num else s.ljust(w)
-                         for s, w, num in zip(cells, widths, numeric)).rstrip()
+                         for s, w, num in zip(cells, widths, numeric, strict=True)).rstrip()
 
     out = [line(columns), line(["-" * w for w in widths])]
     out += [line(row) for row in rows]
