@@ -123,6 +123,7 @@ class MemoryStore(ABC):
             kept = slice(keys.shape[1] - plan.keep, keys.shape[1])
             self._write(plan, keys[:, kept], values[:, kept])
             self._book.commit_add(plan)
+            self._after_add()
         ids = torch.from_numpy(plan.ids)
         return ids[0] if squeezed else ids
 
@@ -225,6 +226,13 @@ class MemoryStore(ABC):
     @abstractmethod
     def _write(self, plan: AddPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store the kept rows ``keys (P, keep, dim)`` at ``plan.slots`` and drop ``plan.evicted``."""
+
+    def _after_add(self) -> None:
+        """Maintenance once an add is committed (rows and ids in place), still under the write lock.
+
+        Approximate backends train, retrain or calibrate their index here. Default: nothing.
+        """
+        return None
 
     @abstractmethod
     def _delete(self, plan: RemovePlan) -> None:
