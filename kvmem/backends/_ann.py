@@ -1,0 +1,344 @@
+"""What the approximate backends (``ivf``, ``hnsw``) share: written once here.
+
+- One index per partition (a :class:`PartIndex`), labelled with kvmem ids.
+  Partitions are searched and written from one process-wide thread pool; faiss
+  and hnswlib release the GIL, and each task is told how many threads of its
+  own it may use, so P partitions never start P x cores threads.
+- A partition without a usable index (``ivf`` before training, or after a
+  library error) is searched exactly with :func:`kvmem.topk.blocked_search`
+  over its stored keys.
+- Candidates are rescored exactly from the stored keys (:meth:`TableStore._rescore`),
+  so index approximations (SQ, PQ, graph search) never reach the scores.
+- ``target_recall``: the per-call knob (``nprobe``, ``ef``) is calibrated per
+  partition on a sample of its stored keys against exact search
+  (:mod:`kvmem.backends._calibrate`) after each (re)build of the index and
+  whenever as many rows have been added as the partition held when it was
+  last calibrated (so: at every doubling of a growing memory, and after each
+  full turnover of a FIFO one).
+- Persistence: the native index files plus ``ann.<tag>.json`` (per-partition
+  state and calibration), all checksummed by :mod:`kvmem.persist`.
+
+Thread-safe with other search calls; add, remove and clear take the write lock
+(and so does the maintenance an add triggers: training, calibration).
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import numpy as np
+import torch
+
+from kvmem.backends._calibrate import Calibration, calibrate
+from kvmem.config import StoreConfig
+from kvmem.errors import CorruptStoreError, InvalidInputError
+from kvmem.tablestore import TableStore
+from kvmem.topk import blocked_search
+
+__all__ = ["AnnStore", "PartIndex", "parallel", "check_int", "check_recall", "read_meta"]
+
+T = TypeVar("T")
+DEFAULT_TARGET = 0.95       # recall@32 aimed at when the user fixes neither the knob nor target_recall
+_META_LIMIT = 16 << 20      # bytes; the state file is a few KB per thousand partitions
+
+# ---------------------------------------------------------------------------------------------- threads
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = -1
+_pool_lock = threading.Lock()
+
+
+def cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _shared_pool() -> ThreadPoolExecutor:
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():   # a forked child gets a pool of its own
+            _pool = ThreadPoolExecutor(max_workers=cpus(), thread_name_prefix="kvmem-ann")
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def parallel(fn: Callable[[int, int], T], items: list[int]) -> list[T]:
+    """``[fn(item, threads) for item in items]``, run in the shared pool when there are several.
+
+    ``threads`` is how many threads ``fn`` may use itself: 0 (the library's
+    default, every core) for a single item, else ``cores // len(items)``.
+    """
+    if len(items) <= 1:
+        return [fn(item, 0) for item in items]
+    threads = max(1, cpus() // len(items))
+    return list(_shared_pool().map(lambda item: fn(item, threads), items))
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def check_int(backend: str, name: str, value: Any, *, low: int = 1, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise InvalidInputError(f"{backend} option {name} must be an int >= {low}"
+                                f"{' or None' if allow_none else ''}; got {value!r}")
+
+
+def check_recall(backend: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) <= 1:
+        raise InvalidInputError(f"{backend} option target_recall must be a number in (0, 1] or None; got {value!r}")
+
+
+def read_meta(path: Path, backend: str, partitions: int) -> list[dict[str, Any]]:
+    """The per-partition states of ``ann.<tag>.json``; raises CorruptStoreError when malformed."""
+    if path.stat().st_size > _META_LIMIT:
+        raise CorruptStoreError(f"{path.name} is over the {_META_LIMIT}-byte limit")
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CorruptStoreError(f"{path.name} is not valid JSON: {exc}") from None
+    ok = (isinstance(meta, dict) and meta.get("backend") == backend and isinstance(meta.get("partitions"), list)
+          and len(meta["partitions"]) == partitions and all(isinstance(p, dict) for p in meta["partitions"]))
+    if not ok:
+        raise CorruptStoreError(f"{path.name} must describe {partitions} {backend} partitions")
+    return meta["partitions"]
+
+
+def meta_int(state: Mapping[str, Any], name: str, low: int = 0, high: int | None = None) -> int:
+    value = state.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise CorruptStoreError(f"index state: {name} must be an int in [{low}, {high}]; got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- indexes
+class PartIndex(Protocol):
+    """The index of one partition. Not thread-safe for writes: the store's lock serialises them."""
+
+    @property
+    def indexed(self) -> bool:
+        """Whether :meth:`search` can answer (else the partition is searched exactly)."""
+
+    def add(self, ids: np.ndarray, keys: np.ndarray, threads: int) -> None:
+        """Index ``keys (n, dim)`` float32 (as stored) under ``ids (n,)``."""
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Unindex ``ids`` (all present)."""
+
+    def search(self, queries: np.ndarray, k: int, value: int, threads: int) -> np.ndarray | None:
+        """Candidate ids ``(q, c)`` int64 (``-1`` pads) of ``queries (q, dim)`` at knob ``value``.
+
+        None: the library could not answer (search this partition exactly).
+        """
+
+    def nbytes(self) -> int:
+        """Bytes the index holds in RAM (approximately)."""
+
+
+class AnnStore(TableStore):
+    """An in-RAM store ranked by one approximate index per partition; see the module docstring.
+
+    Subclasses set ``param`` (the per-call knob) and implement the ``_part_*`` hooks.
+    """
+
+    param: ClassVar[str] = ""
+    floor: ClassVar[int] = 1        # smallest knob value calibration tries
+
+    def __init__(self, config: StoreConfig, device: torch.device) -> None:
+        if device.type != "cpu":
+            raise InvalidInputError(f"{self.backend} keeps its index in RAM; device must be 'cpu'; got {device}")
+        super().__init__(config, device)
+        self._parts = [self._new_part(p) for p in range(config.partitions)]
+        self._calibrations: list[Calibration | None] = [None] * config.partitions
+        self._added = np.zeros(config.partitions, np.int64)    # rows added since the last calibration
+
+    @property
+    def exact(self) -> bool:
+        return False
+
+    @property
+    def target_recall(self) -> float | None:
+        """The recall@32 calibration aims for; None when the knob is fixed by an option."""
+        if self.options["target_recall"] is not None:
+            return float(self.options["target_recall"])
+        return None if self.options[self.param] is not None else DEFAULT_TARGET
+
+    def calibration(self) -> list[Calibration | None]:
+        """Per partition, the last calibration (knob value, recall measured on the sample, rows then)."""
+        return list(self._calibrations)
+
+    # ------------------------------------------------------------------ backend hooks
+    def _new_part(self, partition: int) -> PartIndex:
+        raise NotImplementedError
+
+    def _maintain(self, partition: int) -> bool:
+        """(Re)build the partition's index if its policy says so; True when it was rebuilt."""
+        return False
+
+    def _default_value(self, partition: int) -> int:
+        """The knob when neither the call, the options nor a calibration set it."""
+        raise NotImplementedError
+
+    def _value_range(self, partition: int) -> tuple[int, int]:
+        """Smallest and largest knob value calibration may choose."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ knob
+    def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        params = super()._check_params(params)
+        value = params.get(self.param)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise InvalidInputError(f"{self.backend} search parameter {self.param} must be a positive int; "
+                                    f"got {value!r}")
+        return params
+
+    def _value(self, partition: int, params: Mapping[str, Any]) -> int:
+        """The knob for one partition: this call's, else the option's, else the calibrated one."""
+        for value in (params.get(self.param), self.options[self.param]):
+            if value is not None:
+                return int(value)
+        cal = self._calibrations[partition]
+        return cal.value if cal is not None else self._default_value(partition)
+
+    # ------------------------------------------------------------------ TableStore index hooks
+    def _index_add(self, ids: np.ndarray, keys: torch.Tensor, evicted: list[np.ndarray]) -> None:
+        keys32 = keys.float().numpy()                                                   # (P, n, dim)
+
+        def write(p: int, threads: int) -> None:
+            if len(evicted[p]):
+                self._parts[p].remove(evicted[p])
+            if ids.shape[1]:
+                self._parts[p].add(ids[p], keys32[p], threads)
+
+        parallel(write, list(range(self.partitions)))
+        self._added += ids.shape[1]
+
+    def _index_remove(self, removed: list[np.ndarray]) -> None:
+        for p, gone in enumerate(removed):
+            if len(gone):
+                self._parts[p].remove(gone)
+
+    def _index_clear(self, partitions: list[int]) -> None:
+        for p in partitions:
+            self._parts[p] = self._new_part(p)
+            self._calibrations[p] = None
+            self._added[p] = 0
+
+    def _after_add(self) -> None:
+        target = self.target_recall
+        counts = self._book.counts
+        for p in range(self.partitions):
+            rebuilt = self._maintain(p)
+            if target is None or not self._parts[p].indexed or counts[p] < 2:
+                continue
+            last = self._calibrations[p]
+            if rebuilt or last is None or self._added[p] >= last.rows:
+                self._calibrations[p] = calibrate(self, p, target, *self._value_range(p))
+                self._added[p] = 0
+
+    def _index_nbytes(self) -> int:
+        return sum(part.nbytes() for part in self._parts)
+
+    # ------------------------------------------------------------------ search
+    def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        P, q, _ = queries.shape
+        counts = self._book.counts
+        held = [p for p in range(P) if counts[p] and q]
+        ranked = [p for p in held if self._parts[p].indexed]
+        q32 = queries.numpy()                                                           # (P, q, dim)
+        found = parallel(lambda p, threads: self._parts[p].search(q32[p], k, self._value(p, params), threads), ranked)
+        width = max([k, *(f.shape[1] for f in found if f is not None)])
+        ids = np.full((P, q, width), -1, np.int64)                                      # (P, q, c)
+        for p, f in zip(ranked, found):
+            if f is not None:
+                ids[p, :, :f.shape[1]] = f
+        slots = torch.from_numpy(self._book.slots_of(ids.reshape(P, q * width)).reshape(P, q, width))
+        exact = [p for p in held if p not in ranked] + [p for p, f in zip(ranked, found) if f is None]
+        if exact:
+            slots[exact, :, :k] = self.exact_slots(queries[exact], exact, k)
+        return self._rescore(queries, slots, k)
+
+    def exact_slots(self, queries: torch.Tensor, partitions: list[int], k: int) -> torch.Tensor:
+        """Slots ``(len(partitions), q, k)`` of the exact top-k of ``queries (len(partitions), q, dim)``."""
+        _, slots = blocked_search(_PartitionKeys(self, partitions), queries, k, self.metric)
+        return slots
+
+    # ------------------------------------------------------------------ persistence
+    def _part_state(self, partition: int, directory: Path, tag: str) -> tuple[dict[str, Any], str | None]:
+        """Write one partition's index file (or none); return its JSON state and the file name."""
+        raise NotImplementedError
+
+    def _part_load(self, partition: int, state: Mapping[str, Any], file: Path | None) -> PartIndex:
+        """Rebuild one partition's index from its validated state and file; raise CorruptStoreError."""
+        raise NotImplementedError
+
+    def _index_save(self, directory: Path, tag: str) -> dict[str, str]:
+        files, states = {}, []
+        for p in range(self.partitions):
+            state, name = self._part_state(p, directory, tag)
+            cal = self._calibrations[p]
+            state["calibration"] = None if cal is None else cal.to_dict()
+            state["added"] = int(self._added[p])
+            states.append(state)
+            if name is not None:
+                files[f"index.p{p}"] = name
+        meta = f"ann.{tag}.json"
+        (directory / meta).write_text(json.dumps({"backend": self.backend, "partitions": states}))
+        return {"ann": meta, **files}
+
+    def _index_load(self, directory: Path, files: Mapping[str, Any]) -> None:
+        if "ann" not in files:
+            raise CorruptStoreError(f"the manifest lists no ann state file for this {self.backend} store")
+        known = {"rows", "ann"} | {f"index.p{p}" for p in range(self.partitions)}
+        if set(files) - known:
+            raise CorruptStoreError(f"the manifest lists unexpected files: {sorted(set(files) - known)}")
+        states = read_meta(directory / files["ann"]["name"], self.backend, self.partitions)
+        for p, state in enumerate(states):
+            entry = files.get(f"index.p{p}")
+            self._parts[p] = self._part_load(p, state, None if entry is None else directory / entry["name"])
+            self._calibrations[p] = Calibration.from_dict(state.get("calibration"), self._value_range(p))
+            self._added[p] = meta_int(state, "added")
+
+
+class _PartitionKeys:
+    """Some partitions of a store's key column as a :class:`kvmem.topk.KeySource`."""
+
+    def __init__(self, store: AnnStore, partitions: list[int]) -> None:
+        self._keys = store._table.data["keys"]
+        self._index = torch.as_tensor(partitions)
+        self._counts = store._book.counts[partitions]
+        self.partitions = len(partitions)
+        self.device = store.device
+
+    def counts(self) -> np.ndarray:
+        return self._counts
+
+    def _rows(self, first: int, rows: int) -> torch.Tensor:
+        if self.partitions == 1:
+            p = int(self._index[0])
+            return self._keys[p:p + 1, first:first + rows]                             # (1, b, dim), a view
+        return self._keys[self._index, first:first + rows]                             # (P', b, dim)
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        for first in range(0, int(self._counts.max(initial=0)), rows):
+            keys = self._rows(first, rows)
+            yield first, keys, keys.float().pow(2).sum(-1)
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        P, S = self._keys.shape[:2]
+        offset = (self._index * S).view(-1, *([1] * (slots.dim() - 1)))
+        flat = self._keys.reshape(P * S, -1)
+        out = flat[(slots.clamp(min=0) + offset).reshape(-1)].reshape(*slots.shape, -1)   # (P', q, c, dim)
+        return out.masked_fill((slots < 0)[..., None], 0)
+
+    def max_sqnorm(self) -> torch.Tensor:
+        best = torch.zeros(self.partitions)
+        for _, _, sqnorm in self.blocks(1 << 16):
+            best = torch.maximum(best, sqnorm.amax(1))
+        return best

@@ -1,0 +1,122 @@
+"""``target_recall``: choose ``nprobe`` / ``ef`` by measuring recall on the store's own keys.
+
+Neither faiss nor hnswlib offers this. For one partition:
+
+1. sample up to :data:`QUERIES` of its stored keys as queries (seeded by the
+   partition and its row count, so a store built the same way calibrates the same way);
+2. find their exact top-``k+1`` with :func:`kvmem.topk.blocked_search` and drop
+   each query's own row (leave-one-out: a stored key is not its own neighbour);
+3. search the index at growing knob values (doubling, then bisection) and keep
+   the smallest value whose recall@k, after exact rescoring, reaches the target.
+
+Recall counts a returned row as a hit when its exact score is within a
+relative 1e-5 of the true k-th score (ties are not misses), as ann-benchmarks
+does. ``k`` is :data:`K` (32: a typical memory-attention top-k), or fewer when
+the partition is small. Recall is close to monotone in both knobs (IVF: more
+lists probed is a superset of candidates; HNSW: a larger beam), which the
+bisection assumes; if the target is out of reach the largest value is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from kvmem.errors import CorruptStoreError
+from kvmem.topk import NEG_INF, exact_scores
+
+if TYPE_CHECKING:
+    from kvmem.backends._ann import AnnStore
+
+__all__ = ["Calibration", "calibrate", "smallest_value", "K", "QUERIES"]
+
+K = 32              # recall@K is what a calibration measures
+QUERIES = 256       # stored keys sampled as queries per calibration
+_TIE_RTOL = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """The outcome of calibrating one partition."""
+
+    value: int          # the nprobe / ef chosen
+    recall: float       # recall@k measured on the sample at that value
+    rows: int           # rows the partition held when it was measured
+    k: int              # the k of that recall (K, or fewer for a small partition)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, value_range: tuple[int, int]) -> Calibration | None:
+        """From a saved state; None stays None. Raises CorruptStoreError when malformed."""
+        if data is None:
+            return None
+        ints = ("value", "rows", "k")
+        ok = (isinstance(data, dict) and set(data) == {*ints, "recall"}
+              and all(isinstance(data[n], int) and not isinstance(data[n], bool) and data[n] >= 0 for n in ints)
+              and isinstance(data["recall"], (int, float)) and 0 <= data["recall"] <= 1
+              and value_range[0] <= data["value"] <= value_range[1])
+        if not ok:
+            raise CorruptStoreError(f"index state: calibration is malformed or out of range {value_range}: {data!r}")
+        return cls(data["value"], float(data["recall"]), data["rows"], data["k"])
+
+
+def smallest_value(recall_at: Callable[[int], float], low: int, high: int, target: float) -> tuple[int, float]:
+    """The smallest value in ``[low, high]`` whose recall reaches ``target`` (to within 1/16), and its recall."""
+    value, failed = low, low - 1
+    recall = recall_at(value)
+    while recall < target and value < high:
+        failed, value = value, min(high, 2 * value)
+        recall = recall_at(value)
+    if recall < target:
+        return value, recall                        # out of reach: the largest value
+    while value - failed > max(1, value // 16):
+        middle = (failed + value) // 2
+        r = recall_at(middle)
+        if r >= target:
+            value, recall = middle, r
+        else:
+            failed = middle
+    return value, recall
+
+
+def calibrate(store: AnnStore, partition: int, target: float, low: int, high: int) -> Calibration:
+    """Calibrate the knob of one partition of ``store``; see the module docstring. Caller holds the write lock."""
+    p = partition
+    count = int(store._book.counts[p])
+    k = min(K, count - 1)
+    rng = np.random.default_rng([p, count])
+    slots = np.sort(rng.choice(count, min(QUERIES, count), replace=False))          # (S,)
+    queries = store._table.data["keys"][p, torch.from_numpy(slots)].float()        # (S, dim)
+    own = torch.from_numpy(slots)[:, None]                                           # (S, 1)
+
+    truth = store.exact_slots(queries[None], [p], k + 1)[0]                          # (S, k+1)
+    true_scores = _scores(store, p, queries, truth, own)
+    kth = true_scores.sort(-1, descending=True).values[:, k - 1]                     # (S,) k-th best, self excluded
+    tol = _TIE_RTOL * (1 + kth.abs())
+    q32 = queries.numpy()
+
+    def recall_at(value: int) -> float:
+        found = store._parts[p].search(q32, k + 1, value, 0)
+        if found is None:
+            return 0.0
+        ids = np.full((store.partitions, found.size), -1, np.int64)
+        ids[p] = found.reshape(-1)
+        got = torch.from_numpy(store._book.slots_of(ids)[p].reshape(found.shape))  # (S, c)
+        best = _scores(store, p, queries, got, own).topk(k, -1).values              # (S, k) after rescoring
+        return float((best >= (kth - tol)[:, None]).sum()) / (len(slots) * k)
+
+    value, recall = smallest_value(recall_at, low, max(low, high), target)
+    return Calibration(value=value, recall=recall, rows=count, k=k)
+
+
+def _scores(store: AnnStore, p: int, queries: torch.Tensor, slots: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Exact scores ``(S, c)`` of ``slots (S, c)`` for ``queries (S, dim)``; -inf at -1 and at the query's own row."""
+    keys = store._table.data["keys"][p][slots.clamp(min=0)]                          # (S, c, dim)
+    scores = exact_scores(queries[None], keys[None], store.metric)[0]
+    return scores.masked_fill((slots < 0) | (slots == own), NEG_INF)

@@ -1,0 +1,217 @@
+"""``hnsw``: an hnswlib graph per partition.
+
+- **Growth**: each graph starts at 1024 elements and ``resize_index`` grows
+  it 1.5x (never past ``capacity``) when an add needs more room.
+- **Removal and eviction** mark rows deleted (``mark_deleted``); the graph is
+  built with ``allow_replace_deleted`` and adds fill deleted elements first, so
+  a FIFO memory at capacity never grows. ``clear`` drops the graph.
+- **k larger than the rows held** returns ``-1`` padding (hnswlib would raise).
+  If the graph cannot return k live rows (possible after heavy deletion) the
+  partition is searched exactly instead.
+- **Metrics**: ``ip`` and ``l2`` are hnswlib's spaces; ``cos`` normalises keys
+  and queries here and uses ``ip``, so the stored vectors are exactly ours.
+- **Per-call ef**: hnswlib has one ``ef`` per graph (``set_ef``), read by every
+  search. A per-graph gate lets any number of searches with the graph's current
+  ef run together; a search wanting another ef waits until those finish,
+  switches it, and runs (with others wanting the same value). No thread ever
+  searches with an ef it did not ask for, so results equal those of serial
+  calls; searches at the default ef never wait unless someone asked for a
+  different one. Copies of the graph per ef would avoid the wait at the price
+  of memory; a memory layer uses one ef almost always.
+
+Options:
+    M: graph degree (default 16; hnswlib's default).
+    ef_construction: build beam (default 200; hnswlib's default).
+    ef: search beam; None (default): calibrated per partition to ``target_recall``,
+        and at least 64 (small graphs are then searched essentially exactly).
+    target_recall: recall@32 ef is calibrated for (default 0.95 when ef is None).
+
+Search parameter: ``ef`` (per call). Thread-safe with other search calls; add,
+remove and clear take the write lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import hnswlib
+import numpy as np
+import torch
+
+from kvmem.backends._ann import AnnStore, check_int, check_recall, meta_int
+from kvmem.backends._hnswfile import check_hnsw_file
+from kvmem.config import StoreConfig
+from kvmem.errors import CorruptStoreError, InvalidInputError, map_errors
+
+__all__ = ["HNSWStore"]
+
+_FIRST_SIZE = 1024
+_GROWTH = 1.5
+_EF_FLOOR = 64
+_SEED = 100                 # hnswlib's default random_seed
+
+
+class _EfGate:
+    """Searches with equal ef share the graph; a different ef waits for them (see the module docstring)."""
+
+    def __init__(self, index: hnswlib.Index, ef: int) -> None:
+        self._index = index
+        self._cond = threading.Condition()
+        self._ef = ef
+        self._active = 0        # searches running at self._ef
+        self._waiting = 0       # searches waiting for another ef
+
+    @contextlib.contextmanager
+    def use(self, ef: int) -> Iterator[None]:
+        with self._cond:
+            if not (self._ef == ef and self._waiting == 0):
+                self._waiting += 1
+                while self._active and (self._ef != ef or self._waiting > 1):
+                    self._cond.wait()
+                self._waiting -= 1
+            if self._ef != ef:
+                self._index.set_ef(ef)
+                self._ef = ef
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+
+def _prepare(metric: str, x: np.ndarray) -> np.ndarray:
+    """Vectors ``(n, dim)`` float32 as the graph stores them (unit length for cos)."""
+    if metric != "cos":
+        return x
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+class _HNSWPart:
+    """One partition's graph. Writes are serialised by the store's lock."""
+
+    def __init__(self, store: HNSWStore, index: hnswlib.Index | None = None, live: int = 0) -> None:
+        self.metric = store.metric
+        if index is None:
+            index = hnswlib.Index(space="l2" if store.metric == "l2" else "ip", dim=store.dim)
+            size = min(_FIRST_SIZE, store.capacity or _FIRST_SIZE)
+            with map_errors("hnsw init"):
+                index.init_index(max_elements=size, M=store.options["M"],
+                                 ef_construction=store.options["ef_construction"], random_seed=_SEED,
+                                 allow_replace_deleted=True)
+        self.index = index
+        self.capacity = store.capacity
+        self.live = live
+        self.gate = _EfGate(index, _EF_FLOOR)
+        index.set_ef(_EF_FLOOR)
+
+    @property
+    def indexed(self) -> bool:
+        return self.live > 0
+
+    def add(self, ids: np.ndarray, keys: np.ndarray, threads: int) -> None:
+        index = self.index
+        free = index.element_count - self.live                      # deleted elements, reused first
+        need = index.element_count + max(0, len(ids) - free)
+        if need > index.max_elements:
+            grown = max(need, int(index.max_elements * _GROWTH))
+            with map_errors("hnsw resize"):
+                index.resize_index(min(grown, max(need, self.capacity or grown)))
+        with map_errors("hnsw add"):
+            index.add_items(_prepare(self.metric, keys), ids, num_threads=threads or -1, replace_deleted=True)
+        self.live += len(ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        with map_errors("hnsw remove"):
+            for label in ids.tolist():
+                self.index.mark_deleted(label)
+        self.live -= len(ids)
+
+    def search(self, queries: np.ndarray, k: int, value: int, threads: int) -> np.ndarray | None:
+        try:
+            with self.gate.use(value):
+                labels, _ = self.index.knn_query(_prepare(self.metric, queries), k=min(k, self.live),
+                                                 num_threads=threads or -1)
+        except RuntimeError as exc:
+            if "contiguous 2D array" in str(exc):
+                return None                                         # fewer than k reachable: search exactly
+            with map_errors("hnsw search"):
+                raise
+        return labels.astype(np.int64)
+
+    def nbytes(self) -> int:
+        index = self.index
+        level0 = (2 * index.M + 1) * 4 + index.dim * 4 + 8          # links, vector, label
+        per_slot = level0 + 40 + 8 + 4                               # + a mutex, a link pointer, a level
+        per_element = (index.M + 1) * 4 / (index.M - 1) + 48         # expected upper links + the label map
+        return int(index.max_elements * per_slot + index.element_count * per_element)
+
+
+class HNSWStore(AnnStore):
+    """Memory searched through hnswlib graphs; see the module docstring."""
+
+    backend = "hnsw"
+    param = "ef"
+    floor = _EF_FLOOR
+    search_params = frozenset({"ef"})
+    defaults = {"M": 16, "ef_construction": 200, "ef": None, "target_recall": None}
+
+    def __init__(self, config: StoreConfig, device: torch.device) -> None:
+        super().__init__(config, device)
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], device: torch.device) -> None:
+        check_int("hnsw", "M", options["M"], low=2, allow_none=False)
+        if options["M"] > 2048:
+            raise InvalidInputError(f"hnsw option M must be an int in [2, 2048]; got {options['M']!r}")
+        check_int("hnsw", "ef_construction", options["ef_construction"], allow_none=False)
+        check_int("hnsw", "ef", options["ef"])
+        check_recall("hnsw", options["target_recall"])
+        if options["ef"] is not None and options["target_recall"] is not None:
+            raise InvalidInputError("hnsw: give ef (fixed) or target_recall (calibrated), not both")
+
+    # ------------------------------------------------------------------ AnnStore hooks
+    def _new_part(self, partition: int) -> _HNSWPart:
+        return _HNSWPart(self)
+
+    def _default_value(self, partition: int) -> int:
+        return _EF_FLOOR
+
+    def _value_range(self, partition: int) -> tuple[int, int]:
+        return _EF_FLOOR, max(_EF_FLOOR, self._parts[partition].live)
+
+    # ------------------------------------------------------------------ persistence
+    def _part_state(self, partition: int, directory: Path, tag: str) -> tuple[dict[str, Any], str | None]:
+        part = self._parts[partition]
+        state = {"elements": int(part.index.element_count), "live": part.live}
+        if not part.index.element_count:
+            return state, None
+        name = f"index.{tag}.p{partition}.hnsw"
+        with map_errors("hnsw save"):
+            part.index.save_index(str(directory / name))
+        return state, name
+
+    def _part_load(self, partition: int, state: Mapping[str, Any], file: Path | None) -> _HNSWPart:
+        count = int(self._book.counts[partition])
+        elements = meta_int(state, "elements", count, (self.capacity or 1 << 62))
+        live = meta_int(state, "live", count, count)
+        if (file is None) != (elements == 0):
+            raise CorruptStoreError(f"hnsw partition {partition}: state says {elements} elements "
+                                    f"but index file is {file}")
+        if file is None:
+            return _HNSWPart(self)
+        ids = self._table.rows("ids", partition, count).numpy()
+        keys = _prepare(self.metric, self._table.rows("keys", partition, count).float().numpy())
+        check_hnsw_file(file, dim=self.dim, M=self.options["M"], ef_construction=self.options["ef_construction"],
+                        elements=elements, ids=ids, keys=keys)
+        index = hnswlib.Index(space="l2" if self.metric == "l2" else "ip", dim=self.dim)
+        with map_errors(f"reading hnsw index {file.name}", corrupt=True):
+            index.load_index(str(file), max_elements=elements, allow_replace_deleted=True)
+        return _HNSWPart(self, index, live)
