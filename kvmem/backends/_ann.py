@@ -315,6 +315,7 @@ class _PartitionKeys:
         self._counts = store._book.counts[partitions]
         self.partitions = len(partitions)
         self.device = store.device
+        self.dtype = store.dtype
 
     def counts(self) -> np.ndarray:
         return self._counts
