@@ -83,7 +83,7 @@ class RowTable:
         flat = col.reshape(P * S, *col.shape[2:])
         offset = (torch.arange(P, device=slots.device) * S).view(P, *([1] * (slots.dim() - 1)))
         index = (slots.clamp(min=0) + offset).to(self.device)
-        out = flat[index.reshape(-1)].reshape(*slots.shape, *col.shape[2:])
+        out = flat.index_select(0, index.reshape(-1)).reshape(*slots.shape, *col.shape[2:])  # flat[index]: 6x slower
         missing = (slots < 0).to(self.device)
         if bool(missing.any()):
             out[missing] = 0
