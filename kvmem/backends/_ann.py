@@ -335,7 +335,7 @@ class _PartitionKeys:
         P, S = self._keys.shape[:2]
         offset = (self._index * S).view(-1, *([1] * (slots.dim() - 1)))
         flat = self._keys.reshape(P * S, -1)
-        out = flat[(slots.clamp(min=0) + offset).reshape(-1)].reshape(*slots.shape, -1)   # (P', q, c, dim)
+        out = flat.index_select(0, (slots.clamp(min=0) + offset).reshape(-1)).reshape(*slots.shape, -1)
         return out.masked_fill((slots < 0)[..., None], 0)
 
     def max_sqnorm(self) -> torch.Tensor:
