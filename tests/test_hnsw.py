@@ -1,6 +1,22 @@
-"""The hnsw backend: conformance, recall, calibration, per-call ef, growth, files."""
+"""The hnsw backend: conformance, recall, calibration, per-call ef, growth, deletions, files."""
 
-from kvmem.testing import StoreConformance, store_machine
+import hashlib
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kvmem.benchmarks.datasets import clustered
+from kvmem.benchmarks.recall import ground_truth, recall_at_k
+
+import kvmem
+from kvmem.backends.hnsw import _EfGate
+from kvmem.testing import StoreConformance, check_search, randn, store_machine
+from kvmem.testing.child import load_in_child
+from kvmem.testing.model import BruteForceMemory
 
 
 class TestHNSW(StoreConformance):
@@ -9,4 +25,235 @@ class TestHNSW(StoreConformance):
     recall_threshold = 0.95
 
 
+class TestHNSWSparseGraph(StoreConformance):
+    """A weak graph (M=4): deletions and k near the rows held reach the exact fallback."""
+
+    backend = "hnsw"
+    exact = False
+    recall_threshold = 0.9
+    options = {"M": 4, "ef_construction": 16}
+
+
 TestHNSWMachine = store_machine("hnsw", exact=False, recall_threshold=0.95).TestCase
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="module")
+def data():
+    return clustered(20_000, 32, queries=300, seed=4)
+
+
+@pytest.fixture(scope="module")
+def truth(data):
+    return ground_truth(data.base, data.queries, 32, data.metric)
+
+
+def build(base: np.ndarray, metric: str = "ip", **options) -> kvmem.MemoryStore:
+    store = kvmem.create("hnsw", dim=base.shape[-1], value_dim=1, metric=metric, dtype=torch.float32, **options)
+    for start in range(0, len(base), 8192):
+        chunk = torch.from_numpy(np.ascontiguousarray(base[start:start + 8192], np.float32))
+        store.add(chunk, torch.zeros(len(chunk), 1))
+    return store
+
+
+def recall(store: kvmem.MemoryStore, data, truth, **params) -> float:
+    ids = store.search(torch.from_numpy(data.queries), 32, **params).ids.numpy()
+    return recall_at_k(ids, truth, data.base, data.queries)
+
+
+def resave(directory: Path, role: str, data: bytes) -> None:
+    """Replace one file of a save and recompute its manifest entry: a foreign file that passes the checksum."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    entry = manifest["files"][role]
+    (directory / entry["name"]).write_bytes(data)
+    entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def graph_bytes(path: Path) -> bytes:
+    manifest = json.loads((path / "manifest.json").read_text())
+    return (path / manifest["files"]["index.p0"]["name"]).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def store(data):
+    return build(data.base)
+
+
+# ---------------------------------------------------------------------------------------------- recall
+def test_defaults_reach_095_recall_on_clustered_keys(store, data, truth):
+    assert recall(store, data, truth) >= 0.95
+    cal = store.calibration()[0]
+    assert cal.rows == 16_384 and cal.k == 32 and cal.recall >= 0.95          # calibrated at the last doubling
+    assert recall(store, data, truth, ef=32) < recall(store, data, truth)
+
+
+def test_target_recall_moves_ef_both_ways(data, truth):
+    low, high = build(data.base[:8192], target_recall=0.8), build(data.base[:8192], target_recall=0.995)
+    sub = ground_truth(data.base[:8192], data.queries, 32)
+    assert low.calibration()[0].value <= high.calibration()[0].value
+    assert high.calibration()[0].value > 64
+    got = [recall_at_k(s.search(torch.from_numpy(data.queries), 32).ids.numpy(), sub, data.base[:8192],
+                       data.queries) for s in (low, high)]
+    assert 0.8 <= got[0] <= got[1] and got[1] >= 0.98
+
+
+def test_fixed_ef_skips_calibration(data):
+    fixed = build(data.base[:4000], ef=40)
+    assert fixed.calibration() == [None] and fixed._value(0, {}) == 40
+
+
+# ---------------------------------------------------------------------------------------------- per call
+def test_threads_with_different_ef_get_their_serial_results(store, data):
+    queries = torch.from_numpy(data.queries[:64])
+    serial = {ef: store.search(queries, 16, ef=ef).ids for ef in (16, 40, 300)}
+    assert not torch.equal(serial[16], serial[300])
+    errors = []
+
+    def worker(ef: int) -> None:
+        try:
+            for _ in range(12):
+                assert torch.equal(store.search(queries, 16, ef=ef).ids, serial[ef])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(ef,)) for ef in (16, 40, 300, 16, 300, 40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+
+
+def test_the_ef_gate_shares_equal_ef_and_separates_others():
+    class Index:
+        def __init__(self) -> None:
+            self.ef = 0
+
+        def set_ef(self, ef: int) -> None:
+            self.ef = ef
+
+    index = Index()
+    gate = _EfGate(index, 10)
+    inside, seen, lock = [], [], threading.Lock()
+    both_in = threading.Barrier(2, timeout=5)
+
+    def search(ef: int, wait: bool) -> None:
+        with gate.use(ef):
+            with lock:
+                inside.append(ef)
+                seen.append((ef, index.ef, sorted(set(inside))))
+            if wait:
+                both_in.wait()                       # two searches at ef=10 are inside together
+            with lock:
+                inside.remove(ef)
+
+    pair = [threading.Thread(target=search, args=(10, True)) for _ in range(2)]
+    for t in pair:
+        t.start()
+    for t in pair:
+        t.join()
+    others = [threading.Thread(target=search, args=(ef, False)) for ef in (10, 20, 30, 20, 10) * 20]
+    for t in others:
+        t.start()
+    for t in others:
+        t.join()
+    bad = [s for s in seen if not (s[0] == s[1] and s[2] == [s[0]])]
+    assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("value", [0, -3, 1.5, False, "64"])
+def test_bad_ef_is_rejected(value):
+    with pytest.raises(kvmem.InvalidInputError, match=f"ef must be a positive int; got {value!r}"):
+        build(randn(0, 20, 8).numpy()).search(randn(1, 2, 8), 3, ef=value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"M": 1}, "M must be an int >= 2"),
+    ({"M": 5000}, r"M must be an int in \[2, 2048\]"),
+    ({"ef_construction": 0}, "ef_construction must be an int >= 1"),
+    ({"ef": 10, "target_recall": 0.9}, "not both"),
+    ({"target_recall": 0}, "target_recall must be"),
+])
+def test_bad_options_are_rejected(options, message):
+    with pytest.raises(kvmem.InvalidInputError, match=message):
+        kvmem.create("hnsw", dim=8, **options)
+
+
+# ---------------------------------------------------------------------------------------------- growth, deletion
+def test_the_graph_grows_by_itself_and_a_fifo_memory_reuses_deleted_elements():
+    store = build(randn(1, 3000, 8).numpy())
+    assert store._parts[0].index.max_elements >= 3000
+    fifo = kvmem.create("hnsw", dim=8, value_dim=1, dtype=torch.float32, capacity=1500)
+    for start in range(0, 6000, 700):
+        fifo.add(randn(start, 700, 8), torch.zeros(700, 1))
+    index = fifo._parts[0].index
+    assert len(fifo) == 1500 and index.element_count == 1500 and index.max_elements == 1500
+
+
+def test_after_deleting_almost_everything_search_still_finds_every_live_row():
+    keys = randn(2, 1, 3000, 8)
+    store = kvmem.create("hnsw", dim=8, value_dim=1, dtype=torch.float32, M=4, ef_construction=8, ef=10)
+    store.add(keys, torch.zeros(1, 3000, 1))
+    keep = np.arange(0, 3000, 300)
+    store.remove(np.setdiff1d(np.arange(3000), keep)[None])
+    model = BruteForceMemory(8, 1, 1, "ip", torch.float32)
+    model.add(keys, torch.zeros(1, 3000, 1))
+    model.remove(np.setdiff1d(np.arange(3000), keep)[None])
+    queries = randn(3, 1, 20, 8)
+    res = store.search(queries, 12)                                  # 10 live rows: 2 of -1 padding
+    check_search(res, model, queries, 12, exact=True)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def test_save_and_load_keep_the_graph_and_its_calibration(store, data, tmp_path):
+    store.save(tmp_path / "s")
+    with kvmem.load(tmp_path / "s") as loaded:
+        assert loaded.calibration() == store.calibration()
+        queries = torch.from_numpy(data.queries[:50])
+        assert torch.equal(loaded.search(queries, 10).ids, store.search(queries, 10).ids)
+
+
+def test_foreign_graphs_with_recomputed_manifests_are_rejected_in_a_child(tmp_path):
+    def saved(name: str, dim: int = 8, seed: int = 6, drop: int = 0, **options) -> Path:
+        store = build(randn(seed, 300, dim).numpy(), **options)
+        if drop:
+            store.remove(np.arange(drop, 2 * drop))
+        store.save(tmp_path / name)
+        return tmp_path / name
+
+    good = saved("good", drop=10)
+    full = graph_bytes(good)
+    foreign = {
+        "wider": graph_bytes(saved("wider", dim=16, drop=10)),
+        "other-degree": graph_bytes(saved("degree", M=8, drop=10)),
+        "other-keys": graph_bytes(saved("keys", seed=7, drop=10)),
+        "other-ids": graph_bytes(saved("ids", drop=20)),
+        "truncated": full[:len(full) - 68],
+        "grown": full + bytes(68),
+    }
+    cases = []
+    for name, blob in foreign.items():
+        shutil.copytree(good, tmp_path / f"case-{name}")
+        resave(tmp_path / f"case-{name}", "index.p0", blob)
+        cases.append(tmp_path / f"case-{name}")
+    results = load_in_child([good, *cases])
+    assert results[0]["ok"] and results[0]["count"] == 290
+    for case, result in zip(cases, results[1:]):
+        assert result["ok"] is False and result["error"] == "CorruptStoreError", (case.name, result)
+
+
+def test_random_bytes_with_recomputed_manifests_never_crash_the_loader(tmp_path):
+    build(randn(8, 400, 8).numpy()).save(tmp_path / "good")
+    blob = graph_bytes(tmp_path / "good")
+    rng = np.random.default_rng(0)
+    cases = []
+    for i, at in enumerate(rng.integers(0, len(blob), 40)):
+        case = tmp_path / f"flip-{i}"
+        shutil.copytree(tmp_path / "good", case)
+        damaged = bytearray(blob)
+        damaged[at] ^= 1 << int(rng.integers(8))
+        resave(case, "index.p0", bytes(damaged))
+        cases.append(case)
+    results = load_in_child(cases, randn(9, 4, 8).tolist())     # a crash fails inside load_in_child
+    assert all(r["ok"] or r["error"] == "CorruptStoreError" for r in results)

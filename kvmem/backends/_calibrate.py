@@ -7,7 +7,10 @@ Neither faiss nor hnswlib offers this. For one partition:
 2. find their exact top-``k+1`` with :func:`kvmem.topk.blocked_search` and drop
    each query's own row (leave-one-out: a stored key is not its own neighbour);
 3. search the index at growing knob values (doubling, then bisection) and keep
-   the smallest value whose recall@k, after exact rescoring, reaches the target.
+   the smallest value at which recall@k, after exact rescoring, reaches the
+   target with confidence: its mean over the sampled queries minus two
+   standard errors must be at least the target (about a 97.5% one-sided bound;
+   the sample's mean alone would land half the stores below their target).
 
 Recall counts a returned row as a hit when its exact score is within a
 relative 1e-5 of the true k-th score (ties are not misses), as ann-benchmarks
@@ -66,20 +69,26 @@ class Calibration:
         return cls(data["value"], float(data["recall"]), data["rows"], data["k"])
 
 
-def smallest_value(recall_at: Callable[[int], float], low: int, high: int, target: float) -> tuple[int, float]:
-    """The smallest value in ``[low, high]`` whose recall reaches ``target`` (to within 1/16), and its recall."""
+def smallest_value(recall_at: Callable[[int], tuple[float, float]], low: int, high: int,
+                   target: float) -> tuple[int, tuple[float, float]]:
+    """The smallest value in ``[low, high]`` (to within 1/16) whose recall, less two standard errors,
+    reaches ``target``; ``recall_at(value)`` gives ``(mean, standard error)``. Returns the value and its pair."""
+
+    def enough(measured: tuple[float, float]) -> bool:
+        return measured[0] - 2 * measured[1] >= target
+
     value, failed = low, low - 1
     recall = recall_at(value)
-    while recall < target and value < high:
+    while not enough(recall) and value < high:
         failed, value = value, min(high, 2 * value)
         recall = recall_at(value)
-    if recall < target:
+    if not enough(recall):
         return value, recall                        # out of reach: the largest value
     while value - failed > max(1, value // 16):
         middle = (failed + value) // 2
-        r = recall_at(middle)
-        if r >= target:
-            value, recall = middle, r
+        measured = recall_at(middle)
+        if enough(measured):
+            value, recall = middle, measured
         else:
             failed = middle
     return value, recall
@@ -101,17 +110,19 @@ def calibrate(store: AnnStore, partition: int, target: float, low: int, high: in
     tol = _TIE_RTOL * (1 + kth.abs())
     q32 = queries.numpy()
 
-    def recall_at(value: int) -> float:
+    def recall_at(value: int) -> tuple[float, float]:
         found = store._parts[p].search(q32, k + 1, value, 0)
         if found is None:
-            return 0.0
+            return 0.0, 0.0
         ids = np.full((store.partitions, found.size), -1, np.int64)
         ids[p] = found.reshape(-1)
         got = torch.from_numpy(store._book.slots_of(ids)[p].reshape(found.shape))  # (S, c)
         best = _scores(store, p, queries, got, own).topk(k, -1).values              # (S, k) after rescoring
-        return float((best >= (kth - tol)[:, None]).sum()) / (len(slots) * k)
+        per_query = (best >= (kth - tol)[:, None]).double().mean(-1)                 # (S,)
+        spread = float(per_query.std()) / len(per_query) ** 0.5 if len(per_query) > 1 else 0.0
+        return float(per_query.mean()), spread
 
-    value, recall = smallest_value(recall_at, low, max(low, high), target)
+    value, (recall, _) = smallest_value(recall_at, low, max(low, high), target)
     return Calibration(value=value, recall=recall, rows=count, k=k)
 
 

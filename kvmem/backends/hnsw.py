@@ -62,6 +62,7 @@ class _EfGate:
         self._index = index
         self._cond = threading.Condition()
         self._ef = ef
+        index.set_ef(ef)
         self._active = 0        # searches running at self._ef
         self._waiting = 0       # searches waiting for another ef
 
@@ -110,7 +111,6 @@ class _HNSWPart:
         self.capacity = store.capacity
         self.live = live
         self.gate = _EfGate(index, _EF_FLOOR)
-        index.set_ef(_EF_FLOOR)
 
     @property
     def indexed(self) -> bool:

@@ -80,7 +80,7 @@ class _Spec:
     metric: str             # the store's metric
     dim: int                # key width
     index_dim: int          # width faiss sees: dim, +1 for ip, padded to a multiple of the PQ m
-    code: str               # faiss code string: "Flat", "SQ8", "PQ16x8", ...
+    code: str               # faiss code string: "Flat", "SQ8", "PQ16x8np", ...
     nlist: int | None       # fixed nlist, or None for 4 sqrt(N)
     train_at: int           # rows that trigger training
     retrain_factor: float | None
@@ -108,7 +108,7 @@ def _parse(options: Mapping[str, Any], dim: int, metric: str) -> _Spec:
         if not 1 <= m <= index_dim or not 1 <= bits <= 16:
             raise InvalidInputError(f"ivf index PQ{m}x{bits}: need 1 <= m <= {index_dim} and 1 <= bits <= 16")
         index_dim = -(-index_dim // m) * m
-        code, min_train = f"PQ{m}x{bits}", _MIN_PER_LIST * 2 ** bits
+        code, min_train = f"PQ{m}x{bits}np", _MIN_PER_LIST * 2 ** bits     # np: no polysemous training
     train_at = options["train_size"]
     if train_at is None:
         train_at = max(_DEFAULT_TRAIN_SIZE if nlist is None else _MIN_PER_LIST * nlist, min_train)
