@@ -40,7 +40,7 @@ TestHNSWMachine = store_machine("hnsw", exact=False, recall_threshold=0.95).Test
 # ---------------------------------------------------------------------------------------------- helpers
 @pytest.fixture(scope="module")
 def data():
-    return clustered(20_000, 32, queries=300, seed=4)
+    return clustered(24_576, 32, queries=300, seed=4)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def store(data):
 def test_defaults_reach_095_recall_on_clustered_keys(store, data, truth):
     assert recall(store, data, truth) >= 0.95
     cal = store.calibration()[0]
-    assert cal.rows == 16_384 and cal.k == 32 and cal.recall >= 0.95          # calibrated at the last doubling
+    assert cal.rows == 24_576 and cal.k == 32 and cal.recall >= 0.95          # the last add grew it by 50%
     assert recall(store, data, truth, ef=32) < recall(store, data, truth)
 
 
@@ -98,9 +98,15 @@ def test_target_recall_moves_ef_both_ways(data, truth):
     assert 0.8 <= got[0] <= got[1] and got[1] >= 0.98
 
 
-def test_fixed_ef_skips_calibration(data):
+def test_fixed_ef_skips_calibration_and_calibrate_recalibrates_now(data):
     fixed = build(data.base[:4000], ef=40)
     assert fixed.calibration() == [None] and fixed._value(0, {}) == 40
+    with pytest.raises(kvmem.InvalidInputError, match="fixed ef=40; create it with target_recall"):
+        fixed.calibrate()
+    grown = build(data.base[:4000])
+    grown.add(torch.from_numpy(data.base[4000:4900]), torch.zeros(900, 1))      # +22%: no calibration yet
+    assert grown.calibration()[0].rows == 4000
+    assert grown.calibrate()[0].rows == 4900 and grown._value(0, {}) == grown.calibration()[0].value
 
 
 # ---------------------------------------------------------------------------------------------- per call

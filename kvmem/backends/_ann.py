@@ -7,14 +7,20 @@
 - A partition without a usable index (``ivf`` before training, or after a
   library error) is searched exactly with :func:`kvmem.topk.blocked_search`
   over its stored keys.
-- Candidates are rescored exactly from the stored keys (:meth:`TableStore._rescore`),
-  so index approximations (SQ, PQ, graph search) never reach the scores.
+- Candidates are rescored exactly from the stored keys, so index
+  approximations (SQ, PQ, graph search) never reach the scores. The keys
+  gathered for that are the ones ``search`` returns (kept per thread between
+  ``_search`` and ``_rows``), so the key column is read once per search.
 - ``target_recall``: the per-call knob (``nprobe``, ``ef``) is calibrated per
   partition on a sample of its stored keys against exact search
   (:mod:`kvmem.backends._calibrate`) after each (re)build of the index and
-  whenever as many rows have been added as the partition held when it was
-  last calibrated (so: at every doubling of a growing memory, and after each
-  full turnover of a FIFO one).
+  whenever the rows added since the last calibration reach a quarter of the
+  rows held then (every 1.25x of a growing memory, every quarter turnover of
+  a FIFO one): recall at a fixed knob falls as a memory grows (an ef
+  calibrated at 16k rows gave 0.005 less recall at 20k), so between
+  calibrations it can sag by a few thousandths; :meth:`AnnStore.calibrate`
+  recalibrates at once (after a bulk load, say). Over a growing memory's life
+  automatic calibration costs about 5 calibrations at its final size.
 - Persistence: the native index files plus ``ann.<tag>.json`` (per-partition
   state and calibration), all checksummed by :mod:`kvmem.persist`.
 
@@ -40,12 +46,13 @@ from kvmem.backends._calibrate import Calibration, calibrate
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError
 from kvmem.tablestore import TableStore
-from kvmem.topk import blocked_search
+from kvmem.topk import NEG_INF, blocked_search, exact_scores
 
 __all__ = ["AnnStore", "PartIndex", "parallel", "check_int", "check_recall", "read_meta"]
 
 T = TypeVar("T")
 DEFAULT_TARGET = 0.95       # recall@32 aimed at when the user fixes neither the knob nor target_recall
+RECALIBRATE_AFTER = 0.25    # rows added since the last calibration, as a fraction of the rows held then
 _META_LIMIT = 16 << 20      # bytes; the state file is a few KB per thousand partitions
 
 # ---------------------------------------------------------------------------------------------- threads
@@ -157,6 +164,7 @@ class AnnStore(TableStore):
         self._parts = [self._new_part(p) for p in range(config.partitions)]
         self._calibrations: list[Calibration | None] = [None] * config.partitions
         self._added = np.zeros(config.partitions, np.int64)    # rows added since the last calibration
+        self._last = threading.local()                           # this thread's last (best slots, their keys)
 
     @property
     def exact(self) -> bool:
@@ -172,6 +180,23 @@ class AnnStore(TableStore):
     def calibration(self) -> list[Calibration | None]:
         """Per partition, the last calibration (knob value, recall measured on the sample, rows then)."""
         return list(self._calibrations)
+
+    def calibrate(self) -> list[Calibration | None]:
+        """Calibrate every indexed partition now to ``target_recall``; takes the write lock.
+
+        Raises InvalidInputError when the knob is fixed by an option (no target to calibrate for).
+        """
+        self._check_open()
+        target = self.target_recall
+        if target is None:
+            raise InvalidInputError(f"{self.backend} has a fixed {self.param}={self.options[self.param]}; "
+                                    "create it with target_recall to calibrate")
+        with self._lock.write():
+            for p in range(self.partitions):
+                if self._parts[p].indexed and self._book.counts[p] >= 2:
+                    self._calibrations[p] = calibrate(self, p, target, *self._value_range(p))
+                    self._added[p] = 0
+        return self.calibration()
 
     # ------------------------------------------------------------------ backend hooks
     def _new_part(self, partition: int) -> PartIndex:
@@ -238,7 +263,7 @@ class AnnStore(TableStore):
             if target is None or not self._parts[p].indexed or counts[p] < 2:
                 continue
             last = self._calibrations[p]
-            if rebuilt or last is None or self._added[p] >= last.rows:
+            if rebuilt or last is None or self._added[p] >= RECALIBRATE_AFTER * last.rows:
                 self._calibrations[p] = calibrate(self, p, target, *self._value_range(p))
                 self._added[p] = 0
 
@@ -262,7 +287,34 @@ class AnnStore(TableStore):
         exact = [p for p in held if p not in ranked] + [p for p, f in zip(ranked, found) if f is None]
         if exact:
             slots[exact, :, :k] = self.exact_slots(queries[exact], exact, k)
-        return self._rescore(queries, slots, k)
+        scores, best, keys = self._rescore_keys(queries, slots, k)
+        self._last.result = (best, keys)
+        return scores, best
+
+    def _rescore_keys(self, queries: torch.Tensor, slots: torch.Tensor,
+                      k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`TableStore._rescore`, also returning the keys ``(P, q, k, dim)`` of the best slots."""
+        P, q, c = slots.shape
+        if c < k:
+            slots = torch.cat([slots, slots.new_full((P, q, k - c), -1)], -1)
+            c = k
+        keys = self._table.gather("keys", slots)                                       # (P, q, c, dim), 0 at -1
+        scores = exact_scores(queries, keys, self.metric).masked_fill(slots < 0, NEG_INF)
+        scores, order = scores.topk(k, -1)                                              # (P, q, k)
+        best = slots.gather(-1, order).masked_fill(scores == NEG_INF, -1)
+        if c != k or not bool((order == torch.arange(k)).all()):                        # reorder only if needed
+            flat = (order + torch.arange(P * q).view(P, q, 1) * c).reshape(-1)
+            keys = keys.reshape(P * q * c, -1).index_select(0, flat).view(P, q, k, -1)
+        if bool((best < 0).any()):
+            keys = keys.masked_fill((best < 0)[..., None], 0)
+        return scores, best, keys
+
+    def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        last, self._last.result = getattr(self._last, "result", None), None
+        if last is None or last[0] is not slots:                                        # get(), or another caller
+            return super()._rows(slots)
+        ids = self._table.gather("ids", slots).masked_fill(slots < 0, -1)
+        return ids, last[1], self._table.gather("values", slots)
 
     def exact_slots(self, queries: torch.Tensor, partitions: list[int], k: int) -> torch.Tensor:
         """Slots ``(len(partitions), q, k)`` of the exact top-k of ``queries (len(partitions), q, dim)``."""

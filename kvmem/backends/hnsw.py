@@ -47,7 +47,7 @@ from kvmem.backends._hnswfile import check_hnsw_file
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError, map_errors
 
-__all__ = ["HNSWStore"]
+__all__ = ["HNSWStore", "graph_nbytes"]
 
 _FIRST_SIZE = 1024
 _GROWTH = 1.5
@@ -147,11 +147,15 @@ class _HNSWPart:
         return labels.astype(np.int64)
 
     def nbytes(self) -> int:
-        index = self.index
-        level0 = (2 * index.M + 1) * 4 + index.dim * 4 + 8          # links, vector, label
-        per_slot = level0 + 40 + 8 + 4                               # + a mutex, a link pointer, a level
-        per_element = (index.M + 1) * 4 / (index.M - 1) + 48         # expected upper links + the label map
-        return int(index.max_elements * per_slot + index.element_count * per_element)
+        return graph_nbytes(self.index)
+
+
+def graph_nbytes(index: hnswlib.Index) -> int:
+    """RAM an hnswlib graph holds, from its layout (hnswlib reports none)."""
+    level0 = (2 * index.M + 1) * 4 + index.dim * 4 + 8              # links, vector, label
+    per_slot = level0 + 40 + 8 + 4                                   # + a mutex, a link pointer, a level
+    per_element = (index.M + 1) * 4 / (index.M - 1) + 48             # expected upper links + the label map
+    return int(index.max_elements * per_slot + index.element_count * per_element)
 
 
 class HNSWStore(AnnStore):

@@ -64,7 +64,7 @@ from kvmem.backends._ivffile import check_faiss_file, list_ids
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError, map_errors
 
-__all__ = ["IVFStore"]
+__all__ = ["IVFStore", "index_nbytes"]
 
 _INDEX = re.compile(r"^(?:IVF(\d+|\{nlist\}),)?(Flat|SQ(?:4|6|8|fp16)|PQ(\d+)(?:x(\d+))?)$")
 _TRAIN_PER_LIST = 64        # sampled training rows per list
@@ -195,10 +195,12 @@ class _IVFPart:
         return labels
 
     def nbytes(self) -> int:
-        if self.index is None:
-            return 0
-        ivf = self.index
-        return ivf.ntotal * (ivf.code_size + 8) + ivf.nlist * ivf.d * 4
+        return 0 if self.index is None else index_nbytes(self.index)
+
+
+def index_nbytes(index: faiss.IndexIVF) -> int:
+    """RAM an IVF index holds: codes and ids in the lists, and the centroids."""
+    return index.ntotal * (index.code_size + 8) + index.nlist * index.d * 4
 
 
 class IVFStore(AnnStore):

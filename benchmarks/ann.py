@@ -1,0 +1,298 @@
+"""kvmem ``ivf`` / ``hnsw`` against raw faiss / hnswlib: recall@k vs QPS, wrapper tax, build, memory.
+
+Run (on a shared machine, one heavy job at a time)::
+
+    flock /tmp/kvmem-heavy.lock python -m kvmem.benchmarks.ann --size 1000000 --out bench-ann
+
+For each dataset (clustered, gaussian; metric ip), in one process:
+
+- ground truth: exact top-k, rescored in float64 (:mod:`kvmem.benchmarks.recall`);
+- kvmem ``exact`` at its defaults: the QPS every other row is divided by;
+- kvmem ``ivf`` / ``hnsw`` built at their defaults (adds of 65536 rows; ``target_recall``
+  0.95 calibrated during the adds): build time, bytes per row, recall and QPS at the
+  defaults, then a sweep of ``nprobe`` / ``ef``;
+- the raw library on kvmem's own index at the same ``nprobe`` / ``ef``
+  (``faiss-ivf/same-index``, ``hnswlib/same-graph``): the wrapper tax, kvmem
+  seconds / library seconds, both returning the top-k of the same candidates;
+- the raw library built the way its documentation suggests (``faiss-ivf``: IndexIVFFlat
+  with the dataset's metric, kvmem's nlist, trained on 64 rows per list; ``hnswlib``:
+  one ``add_items`` of every row, same M and ef_construction): its own sweep;
+- ``target_recall`` 0.9 / 0.95 / 0.99 calibrated on kvmem's index at the final size
+  (what a store created with that target does at its next calibration).
+
+Timings are medians of ``repeats`` calls after a warm-up; a kvmem call and its
+peer's alternate, so both see the same machine. Functions are importable:
+:func:`run` for everything, the ``build_*``/``sweep`` helpers for parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import kvmem
+
+from .datasets import Dataset, load_dataset
+from .recall import GroundTruth, dataset_truth, recall_at_k
+from .report import BenchResult, format_table, machine_info, write_json
+
+__all__ = ["AnnConfig", "run", "build_kvmem", "build_faiss_ivf", "build_hnswlib", "interleaved", "main"]
+
+ADD_BATCH = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnConfig:
+    size: int = 1_000_000
+    dim: int = 128
+    queries: int = 1000
+    k: int = 32
+    datasets: tuple[str, ...] = ("clustered", "gaussian")
+    metric: str = "ip"
+    nprobes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    efs: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
+    targets: tuple[float, ...] = (0.9, 0.95, 0.99)
+    repeats: int = 5
+    seed: int = 0
+    out: Path = Path("bench-ann")
+
+
+# ---------------------------------------------------------------------------------------------- building
+def _rows(x: np.ndarray, start: int) -> np.ndarray:
+    return np.ascontiguousarray(x[start:start + ADD_BATCH], dtype=np.float32)
+
+
+def build_kvmem(backend: str, data: Dataset, **options: Any) -> tuple[kvmem.MemoryStore, float]:
+    """A one-partition float32 store of ``data.base`` added in batches, and the seconds it took."""
+    start = time.perf_counter()
+    store = kvmem.create(backend, dim=data.dim, value_dim=1, metric=data.metric, dtype=torch.float32, **options)
+    for first in range(0, len(data.base), ADD_BATCH):
+        keys = torch.from_numpy(_rows(data.base, first))
+        store.add(keys, torch.zeros(len(keys), 1))
+    return store, time.perf_counter() - start
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+
+
+def build_faiss_ivf(data: Dataset, nlist: int, seed: int = 0) -> tuple[Any, float]:
+    """IndexIVFFlat as faiss's docs build it: the dataset's metric, k-means on 64 rows per list."""
+    import faiss
+
+    start = time.perf_counter()
+    metric = faiss.METRIC_L2 if data.metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    index = faiss.index_factory(data.dim, f"IVF{nlist},Flat", metric)
+    sample = np.sort(np.random.default_rng(seed).choice(len(data.base), min(len(data.base), 64 * nlist), False))
+    train = np.asarray(data.base[sample], np.float32)
+    index.train(_unit(train) if data.metric == "cos" else train)
+    for first in range(0, len(data.base), ADD_BATCH):
+        rows = _rows(data.base, first)
+        index.add(_unit(rows) if data.metric == "cos" else rows)
+    return index, time.perf_counter() - start
+
+
+def build_hnswlib(data: Dataset, M: int, ef_construction: int) -> tuple[Any, float]:
+    """An hnswlib graph of every row in one ``add_items`` call (all threads)."""
+    import hnswlib
+
+    start = time.perf_counter()
+    index = hnswlib.Index(space={"l2": "l2", "ip": "ip", "cos": "cosine"}[data.metric], dim=data.dim)
+    index.init_index(max_elements=len(data.base), M=M, ef_construction=ef_construction, random_seed=100)
+    index.add_items(np.asarray(data.base, np.float32), np.arange(len(data.base)))
+    return index, time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median seconds per call name over ``repeats`` rounds (after a warm-up), the calls taking turns."""
+    out = {name: fn() for name, fn in calls.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            out[name] = fn()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: float(np.median(s)) for name, s in seconds.items()}, out
+
+
+# ---------------------------------------------------------------------------------------------- one backend
+def _sweep(store: kvmem.MemoryStore, data: Dataset, truth: GroundTruth, config: AnnConfig, exact_qps: float,
+           raw_same: Callable[[np.ndarray, int, int], np.ndarray], peer: Any, peer_search: Callable,
+           peer_name: str, values: Sequence[int], build: dict[str, float]) -> list[BenchResult]:
+    """Defaults, the sweep (kvmem, raw on kvmem's index, raw built apart) and the targets, as records."""
+    knob, backend = store.param, store.backend
+    queries = np.ascontiguousarray(data.queries, np.float32)
+    qt = torch.from_numpy(queries)
+    common = {"dataset": data.name, "n": data.size, "k": config.k, "queries": len(queries)}
+    nbytes = store.nbytes() / data.size
+
+    def record(name: str, params: dict, secs: float, ids: np.ndarray, extra: dict, per_row: float = math.nan,
+               build_s: float = math.nan) -> BenchResult:
+        qps = len(queries) / secs
+        return BenchResult(name, params, build_s, per_row, qps, recall_at_k(ids, truth, data.base, queries, config.k),
+                           {**common, "qps_vs_exact": qps / exact_qps, **extra})
+
+    cal = store.calibration()[0]
+    secs, out = interleaved({"kvmem": lambda: store.search(qt, config.k).ids.numpy()}, config.repeats)
+    rows = [record(backend, {}, secs["kvmem"], out["kvmem"], {
+        "defaults": True, knob: store._value(0, {}), "calibrated_at_rows": cal.rows if cal else None,
+        "calibrated_recall": cal.recall if cal else None}, nbytes, build["kvmem"])]
+    for value in values:
+        secs, out = interleaved({
+            "kvmem": lambda v=value: store.search(qt, config.k, **{knob: v}).ids.numpy(),
+            "same": lambda v=value: raw_same(queries, config.k, v),
+            "peer": lambda v=value: peer_search(peer, queries, config.k, v)}, config.repeats)
+        tax = secs["kvmem"] / secs["same"]
+        rows += [record(backend, {knob: value}, secs["kvmem"], out["kvmem"], {"wrapper_tax": tax},
+                        nbytes, build["kvmem"]),
+                 record(f"{peer_name}/same-index", {knob: value}, secs["same"], out["same"], {}),
+                 record(peer_name, {knob: value}, secs["peer"], out["peer"],
+                        {"kvmem_time_ratio": secs["kvmem"] / secs["peer"]},
+                        build["peer_bytes"] / data.size, build["peer"])]
+    from kvmem.backends._calibrate import calibrate
+
+    for target in config.targets:
+        with store._lock.write():
+            got = calibrate(store, 0, target, *store._value_range(0))
+        secs, out = interleaved({"kvmem": lambda v=got.value: store.search(qt, config.k, **{knob: v}).ids.numpy()},
+                                config.repeats)
+        rows.append(record(f"{backend}-target", {"target_recall": target}, secs["kvmem"], out["kvmem"],
+                           {knob: got.value, "calibrated_recall": got.recall}))
+    return rows
+
+
+def bench_ivf(data: Dataset, truth: GroundTruth, config: AnnConfig, exact_qps: float) -> list[BenchResult]:
+    import faiss
+
+    from kvmem.backends.ivf import index_nbytes
+
+    store, build_s = build_kvmem("ivf", data)
+    part = store._parts[0]
+    nlist = part.index.nlist
+    peer, peer_s = build_faiss_ivf(data, nlist, config.seed)
+
+    prepared = part.prepare_queries(np.ascontiguousarray(data.queries, np.float32))   # as kvmem hands them to faiss
+
+    def same(queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
+        return part.index.search(prepared, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+
+    def peer_search(index: Any, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
+        q = _unit(queries) if data.metric == "cos" else queries
+        return index.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+
+    try:
+        rows = _sweep(store, data, truth, config, exact_qps, same, peer, peer_search, "faiss-ivf", config.nprobes,
+                      {"kvmem": build_s, "peer": peer_s, "peer_bytes": index_nbytes(peer)})
+    finally:
+        store.close()
+    return [dataclasses.replace(r, params={**r.params, "nlist": nlist}) if r.backend != "ivf-target" else r
+            for r in rows]
+
+
+def bench_hnsw(data: Dataset, truth: GroundTruth, config: AnnConfig, exact_qps: float) -> list[BenchResult]:
+    from kvmem.backends.hnsw import graph_nbytes
+
+    store, build_s = build_kvmem("hnsw", data)
+    part = store._parts[0]
+    peer, peer_s = build_hnswlib(data, store.options["M"], store.options["ef_construction"])
+
+    def same(queries: np.ndarray, k: int, ef: int) -> np.ndarray:
+        with part.gate.use(ef):                     # sets hnswlib's ef the way a raw caller would, then searches
+            return part.index.knn_query(queries, k)[0]
+
+    def peer_search(index: Any, queries: np.ndarray, k: int, ef: int) -> np.ndarray:
+        index.set_ef(ef)
+        return index.knn_query(queries, k)[0]
+
+    try:
+        return _sweep(store, data, truth, config, exact_qps, same, peer, peer_search, "hnswlib", config.efs,
+                      {"kvmem": build_s, "peer": peer_s, "peer_bytes": graph_nbytes(peer)})
+    finally:
+        store.close()
+
+
+def bench_exact(data: Dataset, truth: GroundTruth, config: AnnConfig) -> BenchResult:
+    store, build_s = build_kvmem("exact", data)
+    queries = np.ascontiguousarray(data.queries, np.float32)
+    try:
+        secs, out = interleaved({"exact": lambda: store.search(torch.from_numpy(queries), config.k).ids.numpy()},
+                                max(1, config.repeats // 2))
+        return BenchResult("exact", {}, build_s, store.nbytes() / data.size, len(queries) / secs["exact"],
+                           recall_at_k(out["exact"], truth, data.base, queries, config.k),
+                           {"dataset": data.name, "n": data.size, "k": config.k, "queries": len(queries)})
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------------------------- all
+def run(config: AnnConfig, *, verbose: bool = True) -> list[BenchResult]:
+    """Every dataset of ``config``; prints tables, writes ``results.json`` and one plot per dataset."""
+    results: list[BenchResult] = []
+    config.out.mkdir(parents=True, exist_ok=True)
+    for name in config.datasets:
+        data = load_dataset(name, n=config.size, dim=config.dim, queries=config.queries, seed=config.seed,
+                            metric=config.metric)
+        truth = dataset_truth(data, config.k, progress=verbose)
+        exact = bench_exact(data, truth, config)
+        rows = [exact, *bench_ivf(data, truth, config, exact.qps), *bench_hnsw(data, truth, config, exact.qps)]
+        results += rows
+        if verbose:
+            print(f"\n{data.name}, k={config.k}\n" + format_table(rows, ["backend", "params", "build_s",
+                                                                         "bytes_per_row", "qps", "recall"]))
+            print(ratios(rows), flush=True)
+        _plot(rows, config.out / f"recall_qps_{name}.png", f"{data.name}, k={config.k}", config.k)
+        write_json(results, config.out / "results.json",
+                   meta={"config": dataclasses.asdict(config), **machine_info()})
+    return results
+
+
+def ratios(rows: Sequence[BenchResult]) -> str:
+    """The derived figures: wrapper tax per setting, QPS ratio to exact, build seconds per million rows."""
+    lines = []
+    for r in rows:
+        extra = r.extra
+        bits = [f"{k}={extra[k]:.3f}" for k in ("wrapper_tax", "kvmem_time_ratio", "qps_vs_exact") if k in extra]
+        if math.isfinite(r.build_s):
+            bits.append(f"build_s_per_1M={r.build_s * 1e6 / extra['n']:.1f}")
+        lines.append(f"  {r.label:40s} {r.params}  " + " ".join(bits))
+    return "\n".join(lines)
+
+
+def _plot(rows: Sequence[BenchResult], path: Path, title: str, k: int) -> None:
+    try:
+        from .plot import plot_recall_qps
+    except ImportError:
+        return
+    swept = [r for r in rows if r.params and not r.backend.endswith("-target")]
+    try:
+        plot_recall_qps(swept, path, title=title, k=k)
+    except kvmem.BackendUnavailableError:
+        pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvmem.benchmarks.ann", description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=AnnConfig.size)
+    parser.add_argument("--dim", type=int, default=AnnConfig.dim)
+    parser.add_argument("--queries", type=int, default=AnnConfig.queries)
+    parser.add_argument("--k", type=int, default=AnnConfig.k)
+    parser.add_argument("--datasets", default=",".join(AnnConfig.datasets))
+    parser.add_argument("--repeats", type=int, default=AnnConfig.repeats)
+    parser.add_argument("--out", default=str(AnnConfig.out))
+    args = parser.parse_args(argv)
+    run(AnnConfig(size=args.size, dim=args.dim, queries=args.queries, k=args.k, repeats=args.repeats,
+                  datasets=tuple(args.datasets.split(",")), out=Path(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
