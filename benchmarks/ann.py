@@ -58,7 +58,7 @@ class AnnConfig:
     datasets: tuple[str, ...] = ("clustered", "gaussian")
     metric: str = "ip"
     nprobes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
-    efs: tuple[int, ...] = (32, 64, 128, 256, 512, 1024)
+    efs: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
     targets: tuple[float, ...] = (0.9, 0.95, 0.99)
     repeats: int = 5
     seed: int = 0
