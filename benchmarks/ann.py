@@ -22,7 +22,9 @@ For each dataset (clustered, gaussian; metric ip), in one process:
 
 Timings are medians of ``repeats`` calls after a warm-up; a kvmem call and its
 peer's alternate, so both see the same machine. Functions are importable:
-:func:`run` for everything, the ``build_*``/``sweep`` helpers for parts.
+:func:`run` for everything, ``bench_*`` per backend, ``build_*`` for the
+contenders, and :func:`contenders` gives ``ivf``, ``faiss-ivf``, ``hnsw`` and
+``hnswlib`` in the form ``kvmem bench`` (:mod:`kvmem.benchmarks.runner`) takes.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import argparse
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,8 @@ from .datasets import Dataset, load_dataset
 from .recall import GroundTruth, dataset_truth, recall_at_k
 from .report import BenchResult, format_table, machine_info, write_json
 
-__all__ = ["AnnConfig", "run", "build_kvmem", "build_faiss_ivf", "build_hnswlib", "interleaved", "main"]
+__all__ = ["AnnConfig", "run", "build_kvmem", "build_faiss_ivf", "build_hnswlib", "interleaved", "contenders",
+           "bench_exact", "bench_ivf", "bench_hnsw", "main"]
 
 ADD_BATCH = 65536
 
@@ -71,9 +74,10 @@ def _rows(x: np.ndarray, start: int) -> np.ndarray:
 
 
 def build_kvmem(backend: str, data: Dataset, **options: Any) -> tuple[kvmem.MemoryStore, float]:
-    """A one-partition float32 store of ``data.base`` added in batches, and the seconds it took."""
+    """A one-partition store (float32 unless ``dtype`` is given) of ``data.base`` added in batches, and its seconds."""
     start = time.perf_counter()
-    store = kvmem.create(backend, dim=data.dim, value_dim=1, metric=data.metric, dtype=torch.float32, **options)
+    dtype = options.pop("dtype", torch.float32)
+    store = kvmem.create(backend, dim=data.dim, value_dim=1, metric=data.metric, dtype=dtype, **options)
     for first in range(0, len(data.base), ADD_BATCH):
         keys = torch.from_numpy(_rows(data.base, first))
         store.add(keys, torch.zeros(len(keys), 1))
@@ -112,11 +116,18 @@ def build_hnswlib(data: Dataset, M: int, ef_construction: int) -> tuple[Any, flo
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median seconds per call name over ``repeats`` rounds (after a warm-up), the calls taking turns."""
+def interleaved(calls: dict[str, Callable[[], Any]], repeats: int,
+                budget_s: float = 60.0) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median seconds per call name over ``repeats`` rounds (after a warm-up), the calls taking turns.
+
+    Slow settings stop after two rounds once ``budget_s`` seconds are spent.
+    """
+    began = time.perf_counter()
     out = {name: fn() for name, fn in calls.items()}
     seconds: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
+    for round_ in range(repeats):
+        if round_ >= 2 and time.perf_counter() - began > budget_s:
+            break
         for name, fn in calls.items():
             start = time.perf_counter()
             out[name] = fn()
@@ -233,6 +244,72 @@ def bench_exact(data: Dataset, truth: GroundTruth, config: AnnConfig) -> BenchRe
         store.close()
 
 
+# ---------------------------------------------------------------------------------------------- kvmem bench
+class _Store:
+    """A kvmem ``ivf`` / ``hnsw`` store as a :class:`kvmem.benchmarks.contenders.Built`."""
+
+    def __init__(self, backend: str, data: Dataset, options: Mapping[str, Any]) -> None:
+        self.store, _ = build_kvmem(backend, data, **options)
+        self.nbytes = self.store.nbytes()
+
+    def search(self, queries: np.ndarray, k: int, **params: Any) -> np.ndarray:
+        return self.store.search(torch.from_numpy(queries), k, **params).ids.numpy()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class _RawIVF:
+    """Raw faiss IndexIVFFlat, nlist 4 sqrt(N); nprobe per call (faiss's default 1 without one)."""
+
+    def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
+        from kvmem.backends.ivf import index_nbytes
+
+        nlist = options.get("nlist") or max(1, round(4 * math.sqrt(data.size)))
+        self.index, _ = build_faiss_ivf(data, nlist)
+        self.nbytes, self.metric = index_nbytes(self.index), data.metric
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int = 1) -> np.ndarray:
+        import faiss
+
+        q = _unit(queries) if self.metric == "cos" else queries
+        return self.index.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+
+    def close(self) -> None:
+        self.index.reset()
+
+
+class _RawHNSW:
+    """Raw hnswlib, M 16 and ef_construction 200 (both libraries' defaults); ef per call (10 without one)."""
+
+    def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
+        from kvmem.backends.hnsw import graph_nbytes
+
+        self.index, _ = build_hnswlib(data, options.get("M", 16), options.get("ef_construction", 200))
+        self.nbytes = graph_nbytes(self.index)
+
+    def search(self, queries: np.ndarray, k: int, ef: int = 10) -> np.ndarray:
+        self.index.set_ef(ef)                       # one caller at a time: kvmem bench is serial
+        return self.index.knn_query(queries, k)[0].astype(np.int64)
+
+    def close(self) -> None:
+        self.index = None
+
+
+def contenders() -> dict[str, Any]:
+    """``ivf``, ``hnsw`` and their raw peers as :class:`kvmem.benchmarks.contenders.Contender` s."""
+    from .contenders import Contender
+
+    return {c.name: c for c in (
+        Contender("ivf", lambda data, options: _Store("ivf", data, options), kvmem=True, peer="faiss-ivf",
+                  sweep_param="nprobe", description="kvmem ivf (faiss IVF-Flat, target_recall 0.95)"),
+        Contender("faiss-ivf", _RawIVF, sweep_param="nprobe", description="raw faiss IndexIVFFlat"),
+        Contender("hnsw", lambda data, options: _Store("hnsw", data, options), kvmem=True, peer="hnswlib",
+                  sweep_param="ef", description="kvmem hnsw (hnswlib, target_recall 0.95)"),
+        Contender("hnswlib", _RawHNSW, sweep_param="ef", description="raw hnswlib"),
+    )}
+
+
 # ---------------------------------------------------------------------------------------------- all
 def run(config: AnnConfig, *, verbose: bool = True) -> list[BenchResult]:
     """Every dataset of ``config``; prints tables, writes ``results.json`` and one plot per dataset."""
@@ -242,16 +319,20 @@ def run(config: AnnConfig, *, verbose: bool = True) -> list[BenchResult]:
         data = load_dataset(name, n=config.size, dim=config.dim, queries=config.queries, seed=config.seed,
                             metric=config.metric)
         truth = dataset_truth(data, config.k, progress=verbose)
-        exact = bench_exact(data, truth, config)
-        rows = [exact, *bench_ivf(data, truth, config, exact.qps), *bench_hnsw(data, truth, config, exact.qps)]
+        rows = [bench_exact(data, truth, config)]
+        for bench in (bench_ivf, bench_hnsw):
+            part = bench(data, truth, config, rows[0].qps)
+            rows += part
+            if verbose:
+                print(f"\n{data.name}, k={config.k}\n" + format_table(part, ["backend", "params", "build_s",
+                                                                             "bytes_per_row", "qps", "recall"]))
+                print(ratios(part), flush=True)
+            write_json(results + rows, config.out / "results.json",
+                       meta={"config": dataclasses.asdict(config), **machine_info()})
         results += rows
         if verbose:
-            print(f"\n{data.name}, k={config.k}\n" + format_table(rows, ["backend", "params", "build_s",
-                                                                         "bytes_per_row", "qps", "recall"]))
-            print(ratios(rows), flush=True)
+            print(format_table(rows[:1], ["backend", "build_s", "bytes_per_row", "qps", "recall"]), flush=True)
         _plot(rows, config.out / f"recall_qps_{name}.png", f"{data.name}, k={config.k}", config.k)
-        write_json(results, config.out / "results.json",
-                   meta={"config": dataclasses.asdict(config), **machine_info()})
     return results
 
 

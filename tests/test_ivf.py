@@ -258,3 +258,19 @@ def test_save_and_load_keep_the_index_and_its_calibration(data, tmp_path):
         assert loaded._parts[0].index.nlist == store._parts[0].index.nlist
         queries = torch.from_numpy(data.queries[:50])
         assert torch.equal(loaded.search(queries, 10).ids, store.search(queries, 10).ids)
+
+
+def test_calibration_search_bisects_and_stops_at_a_plateau():
+    from kvmem.backends._calibrate import smallest_value
+
+    calls = []
+
+    def ivf_like(value: int) -> tuple[float, float]:               # misses halve every 4 lists
+        calls.append(value)
+        return 1 - 0.5 ** (value / 4), 0.001
+
+    value, (recall, _) = smallest_value(ivf_like, 1, 2048, 0.95)
+    assert recall - 0.002 >= 0.95 and 1 - 0.5 ** ((value - 2) / 4) - 0.002 < 0.95   # smallest, to within 1/16
+    assert len(calls) < 12
+    saturating = lambda value: (min(0.97, 0.5 + 0.05 * np.log2(value)), 0.002)    # noqa: E731
+    assert smallest_value(saturating, 64, 1 << 20, 0.99)[0] < 1 << 16                # not the whole range

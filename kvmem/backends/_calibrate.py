@@ -12,12 +12,20 @@ Neither faiss nor hnswlib offers this. For one partition:
    standard errors must be at least the target (about a 97.5% one-sided bound;
    the sample's mean alone would land half the stores below their target).
 
+What it measures is recall for queries distributed like the stored keys. In
+a model, queries come from another projection than keys; when they sit
+elsewhere (ip search is sensitive to that), the recall they get can differ,
+so choose the target with some room, or fix ``nprobe`` / ``ef`` after
+measuring on real queries.
+
 Recall counts a returned row as a hit when its exact score is within a
 relative 1e-5 of the true k-th score (ties are not misses), as ann-benchmarks
 does. ``k`` is :data:`K` (32: a typical memory-attention top-k), or fewer when
 the partition is small. Recall is close to monotone in both knobs (IVF: more
 lists probed is a superset of candidates; HNSW: a larger beam), which the
-bisection assumes; if the target is out of reach the largest value is kept.
+bisection assumes. If the target is out of reach (the knob's range ends, or
+recall stops improving: an HNSW graph under ip can plateau short of 1), the
+value where it stopped is kept, and ``calibration()`` shows the recall it got.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ __all__ = ["Calibration", "calibrate", "smallest_value", "K", "QUERIES"]
 K = 32              # recall@K is what a calibration measures
 QUERIES = 256       # stored keys sampled as queries per calibration
 _TIE_RTOL = 1e-5
+_PLATEAU = 0.9      # a doubling that leaves more than this fraction of the misses has hit a plateau
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +81,11 @@ class Calibration:
 def smallest_value(recall_at: Callable[[int], tuple[float, float]], low: int, high: int,
                    target: float) -> tuple[int, tuple[float, float]]:
     """The smallest value in ``[low, high]`` (to within 1/16) whose recall, less two standard errors,
-    reaches ``target``; ``recall_at(value)`` gives ``(mean, standard error)``. Returns the value and its pair."""
+    reaches ``target``; ``recall_at(value)`` gives ``(mean, standard error)``. Returns the value and its pair.
+
+    Doubling stops early when a doubling removes less than a tenth of the misses: the index has
+    plateaued (an ip graph can stop short of recall 1 at any ef) and the smaller value is kept.
+    """
 
     def enough(measured: tuple[float, float]) -> bool:
         return measured[0] - 2 * measured[1] >= target
@@ -80,8 +93,11 @@ def smallest_value(recall_at: Callable[[int], tuple[float, float]], low: int, hi
     value, failed = low, low - 1
     recall = recall_at(value)
     while not enough(recall) and value < high:
-        failed, value = value, min(high, 2 * value)
-        recall = recall_at(value)
+        bigger = min(high, 2 * value)
+        measured = recall_at(bigger)
+        if 1 - measured[0] > _PLATEAU * (1 - recall[0]) and not enough(measured):
+            return value, recall                    # plateau: more of the knob buys next to nothing
+        failed, value, recall = value, bigger, measured
     if not enough(recall):
         return value, recall                        # out of reach: the largest value
     while value - failed > max(1, value // 16):

@@ -23,7 +23,7 @@ Options:
     M: graph degree (default 16; hnswlib's default).
     ef_construction: build beam (default 200; hnswlib's default).
     ef: search beam; None (default): calibrated per partition to ``target_recall``,
-        and at least 64 (small graphs are then searched essentially exactly).
+        between 64 (small graphs are then searched essentially exactly) and 16384.
     target_recall: recall@32 ef is calibrated for (default 0.95 when ef is None).
 
 Search parameter: ``ef`` (per call). Thread-safe with other search calls; add,
@@ -52,6 +52,7 @@ __all__ = ["HNSWStore", "graph_nbytes"]
 _FIRST_SIZE = 1024
 _GROWTH = 1.5
 _EF_FLOOR = 64
+_EF_CEILING = 1 << 14       # calibration never picks more (a search at ef 16384 already reads ~1/3 of 1M rows)
 _SEED = 100                 # hnswlib's default random_seed
 
 
@@ -189,7 +190,7 @@ class HNSWStore(AnnStore):
         return _EF_FLOOR
 
     def _value_range(self, partition: int) -> tuple[int, int]:
-        return _EF_FLOOR, max(_EF_FLOOR, self._parts[partition].live)
+        return _EF_FLOOR, max(_EF_FLOOR, min(_EF_CEILING, self._parts[partition].live))
 
     # ------------------------------------------------------------------ persistence
     def _part_state(self, partition: int, directory: Path, tag: str) -> tuple[dict[str, Any], str | None]:
