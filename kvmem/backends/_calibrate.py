@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["Calibration", "calibrate", "smallest_value", "K", "QUERIES"]
 
 K = 32              # recall@K is what a calibration measures
-QUERIES = 256       # stored keys sampled as queries per calibration
+QUERIES = 512       # stored keys sampled as queries per calibration (standard error ~0.005 at recall 0.95)
 _TIE_RTOL = 1e-5
 _PLATEAU = 0.9      # a doubling that leaves more than this fraction of the misses has hit a plateau
 
