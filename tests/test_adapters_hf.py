@@ -223,9 +223,12 @@ def test_save_load_in_new_process_continues_like_uninterrupted(tmp_path, positio
     assert np.abs(got - want).max() <= 1e-5
 
 
-def available(name):
-    names = kvmem.backends()
-    return name in names and (not isinstance(names, dict) or names[name] is True)
+def unavailable(name):
+    """None if kvmem.backends() says ``name`` works here, else its reason."""
+    info = kvmem.backends().get(name)
+    if info is None:
+        return "not registered"
+    return None if info.available else (info.reason or "unavailable")
 
 
 HIGH_RECALL = {
@@ -236,8 +239,9 @@ HIGH_RECALL = {
 
 @pytest.mark.parametrize("backend", ["ivf", "hnsw"])
 def test_approximate_backends_agree_with_exact_on_top1(backend):
-    if not available(backend):
-        pytest.skip(f"kvmem.backends() reports {backend!r} unavailable here: {kvmem.backends()}")
+    reason = unavailable(backend)
+    if reason is not None:
+        pytest.skip(f"kvmem.backends() reports {backend!r} unavailable here: {reason}")
     store_options, search_options = HIGH_RECALL[backend]
     model = tiny()
     ids = tokens(1, 320)
