@@ -110,7 +110,7 @@ def memory_attention(
     # Memory: each partition is searched by the queries of its group.
     mem_logits, mem_values = None, None
     if k > 0 and len(store) > 0:
-        search_q = memory_query.detach().reshape(P, G * T, d).to(store.dtype)  # (P, G*T, d)
+        search_q = memory_query.detach().reshape(P, G * T, d)  # (P, G*T, d); the store ranks in fp32
         res = store.search(search_q, k, **dict(search_params or {}))
         kk = res.ids.shape[-1]
         ids = res.ids.to(query.device).view(B, H, T, kk)  # (B, H, T, k)
@@ -140,10 +140,7 @@ def memory_attention(
     if write:
         new_keys = (key if memory_key is None else memory_key)[:, :, Tl - T :]  # (B, Hkv, T, d)
         new_values = value[:, :, Tl - T :]  # (B, Hkv, T, dv)
-        store.add(
-            new_keys.detach().reshape(P, T, d).to(store.dtype),
-            new_values.detach().reshape(P, T, dv).to(store.dtype),
-        )
+        store.add(new_keys.detach().reshape(P, T, d), new_values.detach().reshape(P, T, dv))
     return out.to(value.dtype)
 
 

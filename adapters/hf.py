@@ -34,10 +34,7 @@ to it atomically (a crash leaves the previous save or the new one).
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -49,12 +46,11 @@ import kvmem
 from kvmem.errors import BackendUnavailableError, CorruptStoreError, InvalidInputError, KvmemError
 
 from . import _hf_layer as hfl
+from . import _hf_persist as persist
 from .attention import POSITION_MODES
 
 __all__ = ["attach", "load", "MemoryAdapter"]
 
-FORMAT = "kvmem.adapters.hf/1"
-MANIFEST = "adapter.json"
 DEFAULT_CHUNK = 512
 
 
@@ -220,43 +216,24 @@ class MemoryAdapter:
         self._state.tokens = self._state.offset = 0
 
     def save(self, path: str | os.PathLike) -> None:
-        """Save every layer's memory under ``path`` (a folder); see :func:`load`.
+        """Save every layer's memory under the folder ``path``; see :func:`load`.
 
-        Writes a new snapshot folder, then replaces the manifest atomically,
-        then removes older snapshots: a crash leaves the old save or the new one.
+        Writes a new snapshot, then switches the manifest to it atomically: a
+        crash leaves the previous save or the new one (:mod:`._hf_persist`).
         """
         self._check_attached()
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
-        snapshot = f"snapshot-{uuid.uuid4().hex[:12]}"
-        (root / snapshot).mkdir()
-        for i, memory in self._memories.items():
-            if memory.store is not None:
-                memory.store.save(root / snapshot / f"layer-{i}")
-        manifest = {
-            "format": FORMAT,
-            "snapshot": snapshot,
+        stores = {i: m.store for i, m in self._memories.items() if m.store is not None}
+        persist.write(Path(path), stores, {
             "tokens": self._state.tokens,
-            "saved_layers": [i for i, m in self._memories.items() if m.store is not None],
             "layers": list(self._memories),
             "backend": self.settings.backend,
             "k": self.settings.k,
             "positions": self.settings.positions,
             "chunk_size": self.chunk_size,
-            "store_options": _jsonable(self.settings.store_options),
+            "store_options": persist.jsonable(self.settings.store_options),
             "search_options": dict(self.settings.search_options),
-            "model": _fingerprint(self.model),
-        }
-        tmp = root / f".{MANIFEST}.{uuid.uuid4().hex[:8]}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / MANIFEST)
-        _fsync_dir(root)
-        for old in root.glob("snapshot-*"):
-            if old.name != snapshot:
-                shutil.rmtree(old, ignore_errors=True)
+            "model": persist.fingerprint(self.model),
+        })
 
     def detach(self) -> None:
         """Remove the memory and restore the model's attention exactly; closes the stores."""
@@ -295,16 +272,14 @@ class MemoryAdapter:
 
 
 def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapter:
-    """Attach to ``model`` the memory that :meth:`MemoryAdapter.save` wrote at ``path``."""
+    """Attach to ``model`` the memory that :meth:`MemoryAdapter.save` wrote at ``path``.
+
+    Raises :class:`CorruptStoreError` for a damaged save and
+    :class:`InvalidInputError` for a model of another shape.
+    """
     root = Path(path)
-    try:
-        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
-        ok = isinstance(manifest, dict) and manifest.get("format") == FORMAT
-    except (OSError, ValueError) as exc:
-        raise CorruptStoreError(f"{root / MANIFEST}: cannot read adapter manifest ({exc})") from exc
-    if not ok:
-        raise CorruptStoreError(f"{root / MANIFEST}: expected format {FORMAT!r}")
-    want, got = manifest["model"], _fingerprint(model)
+    manifest = persist.read(root)
+    want, got = manifest["model"], persist.fingerprint(model)
     if want != got:
         raise InvalidInputError(f"model: expected a model shaped like {want}, got {got}")
     adapter = attach(
@@ -313,18 +288,21 @@ def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapt
         layers=manifest["layers"],
         k=manifest["k"],
         positions=manifest["positions"],
-        store_options=_from_jsonable(manifest["store_options"]),
+        store_options=manifest["store_options"],
         chunk_size=manifest["chunk_size"],
         search_options=manifest["search_options"],
     )
     try:
         for i in manifest["saved_layers"]:
-            adapter._memories[i].store = kvmem.load(root / manifest["snapshot"] / f"layer-{i}", device=device)
+            if i not in adapter._memories:
+                raise CorruptStoreError(f"{root}: saved layer {i} is not among layers {manifest['layers']}")
+            store = kvmem.load(root / manifest["snapshot"] / f"layer-{i}", device=device)
+            adapter._memories[i].store = store
     except BaseException:
         adapter.detach()
         raise
-    adapter._state.tokens = int(manifest["tokens"])
-    adapter._state.offset = adapter._state.tokens if manifest["positions"] == "absolute" else 0
+    adapter._state.tokens = manifest["tokens"]
+    adapter._state.offset = manifest["tokens"] if manifest["positions"] == "absolute" else 0
     return adapter
 
 
@@ -384,52 +362,3 @@ def _configs_of(model: Any, modules: Any) -> list[Any]:
         found[id(config)] = config
         todo.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
     return list(found.values())
-
-
-def _fingerprint(model: Any) -> dict[str, Any]:
-    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = getattr(c, "num_attention_heads", None)
-    return {
-        "model_type": getattr(c, "model_type", None),
-        "num_hidden_layers": getattr(c, "num_hidden_layers", None),
-        "num_attention_heads": heads,
-        "num_key_value_heads": getattr(c, "num_key_value_heads", heads),
-        "head_dim": getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else None),
-    }
-
-
-def _jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in options.items():
-        if isinstance(value, torch.dtype):
-            value = {"torch.dtype": str(value).removeprefix("torch.")}
-        elif isinstance(value, (torch.device, os.PathLike)):
-            value = str(value)
-        out[key] = value
-    try:
-        json.dumps(out)
-    except TypeError as exc:
-        raise InvalidInputError(f"store_options: expected JSON-serialisable values to save, got {options}") from exc
-    return out
-
-
-def _from_jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key, value in options.items():
-        if isinstance(value, dict) and set(value) == {"torch.dtype"}:
-            value = getattr(torch, value["torch.dtype"])
-            if not isinstance(value, torch.dtype):
-                raise CorruptStoreError(f"store_options[{key!r}]: not a torch dtype")
-        out[key] = value
-    return out
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

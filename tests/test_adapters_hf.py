@@ -109,18 +109,33 @@ def test_generate_first_mode_uses_memory_and_handles_padding():
     adapter.detach()
 
 
-def test_first_mode_stores_keys_before_rope():
+@pytest.mark.parametrize("positions", ["first", "none"])
+def test_memory_keys_are_stored_before_rope(positions):
     """Memory rows are k_proj outputs (pre-RoPE), recovered by inverting the model's rotation."""
     model = tiny()
     captured = []
     hook = model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, i, o: captured.append(o))
-    adapter = hf.attach(model, k=4, positions="first", chunk_size=8)
+    adapter = hf.attach(model, k=4, positions=positions, chunk_size=8)
     adapter.feed(tokens(1, 24))
     hook.remove()
     pre = torch.cat(captured, 1).view(1, 24, HKV, -1).transpose(1, 2)  # (1, Hkv, 24, d)
     keys, _ = adapter.stores[0].get(torch.arange(24).expand(HKV, 24))  # (Hkv, 24, d)
     assert (keys - pre[0]).abs().max().item() < 1e-5
     adapter.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models(dtype):
+    ids = tokens(1, 48)
+    logits = {}
+    for dt in (torch.float32, dtype):
+        adapter = hf.attach(tiny().to(dt), k=8, positions="first", chunk_size=16)
+        logits[dt] = adapter.feed(ids, return_logits="all").logits.float()
+        assert adapter.stores[0].dtype == dt  # the store follows the model unless told otherwise
+        adapter.detach()
+    assert torch.isfinite(logits[dtype]).all()
+    agree = (logits[dtype].argmax(-1) == logits[torch.float32].argmax(-1)).float().mean().item()
+    assert agree >= 0.9
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
