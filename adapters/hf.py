@@ -89,8 +89,7 @@ def attach(
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise InvalidInputError(f"k: expected an int >= 0, got {k!r}")
     chunk_size = DEFAULT_CHUNK if chunk_size is None else _positive(chunk_size, "chunk_size")
-    if not isinstance(backend, str):
-        raise InvalidInputError(f"backend: expected a backend name, got {backend!r}")
+    _check_backend(backend)
 
     if not type(model)._can_set_attn_implementation():
         raise InvalidInputError(
@@ -313,6 +312,14 @@ def _require_transformers() -> None:
         raise BackendUnavailableError(
             "kvmem.adapters.hf needs transformers: pip install 'kvmem[hf]'"
         ) from exc
+
+
+def _check_backend(backend: Any) -> None:
+    known = kvmem.backends()
+    if not isinstance(backend, str) or backend not in known:
+        raise InvalidInputError(f"backend: expected one of {sorted(known)}, got {backend!r}")
+    if not known[backend].available:
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable here: {known[backend].reason}")
 
 
 def _positive(value: Any, name: str) -> int:

@@ -182,6 +182,7 @@ def test_bad_arguments_are_refused_before_touching_the_model():
         ({"layers": "some"}, "layers"),
         ({"k": -1}, "k: expected"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"backend": "faiss-gpu-please"}, "backend"),
     ]:
         with pytest.raises(InvalidInputError, match=words):
             hf.attach(model, **kwargs)
