@@ -18,6 +18,8 @@ the model applied (exactly up to float rounding; computed in float32). This
 needs no hook on ``k_proj`` (which would miss q/k norms and fused qkv
 projections) and no copy of model code. A self-check at attach compares
 kvmem's rotation with the model's ``apply_rotary_pos_emb``.
+
+Memory layers return no attention weights and apply no attention dropout.
 """
 
 from __future__ import annotations

@@ -58,6 +58,20 @@ def test_chunked_feed_equals_full_attention(kind):
     adapter.detach()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunked_feed_equals_full_attention_on_cuda():
+    model = tiny("qwen2").cuda()
+    ids = tokens(2, 48).cuda()
+    with torch.no_grad():
+        full = model(ids).logits
+    adapter = hf.attach(model, k=64, positions="absolute", chunk_size=16, store_options={"device": "cuda"})
+    out = adapter.feed(ids, return_logits="all").logits
+    adapter.detach()
+    assert out.device.type == "cuda"
+    assert (out - full).abs().max().item() <= 1e-4
+
+
 def test_small_k_differs_from_full_attention():
     """The equality above is not vacuous: with k < memory the logits move."""
     model = tiny()
