@@ -1,0 +1,91 @@
+"""``exact``: brute-force search in torch, on CPU or CUDA — the ground truth.
+
+Keys are stored in float32, float16 or bfloat16; every partition is searched
+in one batched matmul per block of keys (:func:`kvmem.topk.blocked_search`),
+so extra memory is O(block) whatever the number of rows. Returned scores are
+float32 and exact for the stored (rounded) keys.
+
+Options:
+    ranking: ``"auto"`` (default) ranks with a certified bfloat16 matmul where it
+        is fast (CUDA, AVX512-BF16/AMX CPUs) and a call has at least 8 queries
+        per partition; ``"bf16"`` always does; ``"fp32"`` never does. Results
+        are exact in every mode.
+    block_elems: score-block budget in elements (default 2**25 on CPU, 2**28 on CUDA).
+
+Thread-safe: searches run concurrently; ``add``/``remove``/``clear`` take the write lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvmem.errors import InvalidInputError
+from kvmem.tablestore import TableStore
+from kvmem.topk import blocked_search, fast_rank_dtype
+
+__all__ = ["ExactStore"]
+
+_RANKINGS = ("auto", "bf16", "fp32")
+
+
+class ExactStore(TableStore):
+    backend = "exact"
+    defaults = {"ranking": "auto", "block_elems": None}
+
+    @property
+    def exact(self) -> bool:
+        return True
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], device: torch.device) -> None:
+        if options["ranking"] not in _RANKINGS:
+            raise InvalidInputError(f"exact option ranking must be one of {_RANKINGS}; got {options['ranking']!r}")
+        elems = options["block_elems"]
+        if elems is not None and (isinstance(elems, bool) or not isinstance(elems, int) or elems < 1024):
+            raise InvalidInputError(f"exact option block_elems must be an int >= 1024 or None; got {elems!r}")
+
+    def _extra_columns(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"sqnorm": ((), torch.float32)}  # |k|^2 of the stored key: l2 bias, cos norm, certificate bound
+
+    def _extra_rows(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"sqnorm": keys.float().pow(2).sum(-1)}
+
+    def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        ranking = self.options["ranking"]
+        rank = None
+        if ranking == "bf16" or (ranking == "auto" and queries.shape[1] >= 8):
+            rank = fast_rank_dtype(self.device) if ranking == "auto" else torch.bfloat16
+        return blocked_search(_TableKeys(self), queries, k, self.metric, rank_dtype=rank,
+                              block_elems=self.options["block_elems"])
+
+
+class _TableKeys:
+    """The key column of an exact store as a :class:`~kvmem.topk.KeySource`."""
+
+    def __init__(self, store: ExactStore) -> None:
+        self._table = store._table
+        self._counts = store._book.counts
+        self.partitions = store.partitions
+        self.device = store.device
+
+    def counts(self) -> np.ndarray:
+        return self._counts
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        keys, sqnorm = self._table.data["keys"], self._table.data["sqnorm"]
+        for first in range(0, int(self._counts.max(initial=0)), rows):
+            yield first, keys[:, first:first + rows], sqnorm[:, first:first + rows]
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        return self._table.gather("keys", slots)
+
+    def max_sqnorm(self) -> torch.Tensor:
+        top = int(self._counts.max(initial=0))
+        sq = self._table.data["sqnorm"][:, :top]
+        counts = torch.as_tensor(self._counts, device=self.device)[:, None]
+        held = torch.arange(top, device=self.device)[None, :] < counts
+        return sq.masked_fill(~held, 0).amax(1) if top else torch.zeros(self.partitions, device=self.device)

@@ -1,0 +1,270 @@
+"""The ``MemoryStore`` contract every backend implements.
+
+The public methods live here, written once: they validate every argument
+before anything changes, take the store's lock, plan id bookkeeping with
+:class:`~kvmem.idbook.IdBook`, and call a handful of backend hooks
+(``_write``, ``_delete``, ``_clear``, ``_search``, ``_get``, ``_save_files``,
+``_open_saved``). A backend declares what differs as class attributes and
+properties (``backend``, ``exact``, ``search_params``, ``defaults``).
+
+Concurrency: searches and gets run concurrently with each other; ``add``,
+``remove`` and ``clear`` take the write lock and run alone.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+
+from kvmem import inputs
+from kvmem._lock import RWLock
+from kvmem.config import StoreConfig, dtype_name
+from kvmem.errors import InvalidInputError, KvmemError
+from kvmem.idbook import AddPlan, IdBook, RemovePlan
+
+__all__ = ["MemoryStore", "SearchResult"]
+
+
+class SearchResult(NamedTuple):
+    """What ``search`` returns, all on the queries' device."""
+
+    scores: torch.Tensor  # (P, q, k) float32, best first; -inf where the partition holds fewer than k rows
+    ids: torch.Tensor     # (P, q, k) int64; -1 there
+    keys: torch.Tensor    # (P, q, k, dim) store dtype; zeros there
+    values: torch.Tensor  # (P, q, k, value_dim) store dtype; zeros there
+
+
+class MemoryStore(ABC):
+    """A key-value memory of ``partitions`` independent parts, searched by similarity.
+
+    Thread-safe: ``search``, ``get`` and ``count`` run concurrently;
+    ``add``, ``remove``, ``clear`` and ``save`` take the lock and run alone
+    (``save`` holds it shared: searches continue during a save).
+    """
+
+    backend: ClassVar[str] = ""
+    search_params: ClassVar[frozenset[str]] = frozenset()   # names ``search`` accepts as ``**params``
+    defaults: ClassVar[Mapping[str, Any]] = {}              # backend options ``create`` accepts, with defaults
+
+    def __init__(self, config: StoreConfig, device: torch.device) -> None:
+        self.config = config
+        self.device = device
+        self._book = IdBook(config.partitions, config.capacity)
+        self._lock = RWLock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ description
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.config.value_dim
+
+    @property
+    def partitions(self) -> int:
+        return self.config.partitions
+
+    @property
+    def metric(self) -> str:
+        return self.config.metric
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.config.dtype
+
+    @property
+    def capacity(self) -> int | None:
+        return self.config.capacity
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        return self.config.options
+
+    @property
+    @abstractmethod
+    def exact(self) -> bool:
+        """Whether ``search`` returns the true top-k (else: the index's best guess, exactly rescored)."""
+
+    @property
+    def persistent(self) -> bool:
+        """Whether every change is on disk when the call returns."""
+        return False
+
+    def nbytes(self) -> int:
+        """Bytes the store holds (RAM for in-memory backends, disk for persistent ones)."""
+        return 0
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(backend={self.backend!r}, dim={self.dim}, value_dim={self.value_dim}, "
+                f"partitions={self.partitions}, metric={self.metric!r}, dtype={dtype_name(self.dtype)}, "
+                f"capacity={self.capacity}, rows={len(self)})")
+
+    # ------------------------------------------------------------------ public API
+    def add(self, keys: Any, values: Any) -> torch.Tensor:
+        """Append rows; returns their ids ``(P, n)`` int64 (``(n,)`` for 2-D input).
+
+        Past ``capacity`` the oldest rows of a partition are evicted first.
+        """
+        self._check_open()
+        keys, squeezed = inputs.vectors(keys, "keys", self.partitions, self.dim, "dim")
+        values, _ = inputs.vectors(values, "values", self.partitions, self.value_dim, "value_dim",
+                                   n=keys.shape[1])
+        keys, values = self._stored(keys, "keys"), self._stored(values, "values")
+        with self._lock.write():
+            plan = self._book.plan_add(keys.shape[1])
+            kept = slice(keys.shape[1] - plan.keep, keys.shape[1])
+            self._write(plan, keys[:, kept], values[:, kept])
+            self._book.commit_add(plan)
+        ids = torch.from_numpy(plan.ids)
+        return ids[0] if squeezed else ids
+
+    def search(self, queries: Any, k: int, **params: Any) -> SearchResult:
+        """The top-``k`` rows of each query's partition; see :class:`SearchResult`.
+
+        ``params`` are per call (``nprobe``, ``ef``, ...) and never change shared state.
+        """
+        self._check_open()
+        where = inputs.out_device(queries)
+        queries, squeezed = inputs.vectors(queries, "queries", self.partitions, self.dim, "dim")
+        k = inputs.check_k(k)
+        params = self._check_params(params)
+        queries = queries.to(device=self.device, dtype=torch.float32)
+        with self._lock.read():
+            scores, slots = self._search(queries, k, params)
+            ids, keys, values = self._rows(slots)
+        result = SearchResult(*(t.to(where) for t in (scores, ids, keys, values)))
+        return SearchResult(*(t[0] for t in result)) if squeezed else result
+
+    def get(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys ``(P, m, dim)`` and values ``(P, m, value_dim)`` of live ids ``(P, m)``; ``-1`` gives zeros."""
+        self._check_open()
+        ids, squeezed = inputs.ids_array(ids, "ids", self.partitions)
+        with self._lock.read():
+            slots = torch.from_numpy(self._book.slots_of(ids)).to(self.device)
+            _, keys, values = self._rows(slots)
+        return (keys[0], values[0]) if squeezed else (keys, values)
+
+    def remove(self, ids: Any) -> None:
+        """Delete live ids ``(P, m)``; ``-1`` entries are padding. Unknown ids raise and remove nothing."""
+        self._check_open()
+        ids, _ = inputs.ids_array(ids, "ids", self.partitions)
+        with self._lock.write():
+            plan = self._book.plan_remove(ids)
+            self._delete(plan)
+            self._book.commit_remove(plan)
+
+    def clear(self, partitions: int | Iterable[int] | None = None) -> None:
+        """Delete every row of the given partitions (all when None); ids keep counting."""
+        self._check_open()
+        parts = inputs.partition_list(partitions, self.partitions)
+        with self._lock.write():
+            self._clear(parts)
+            self._book.clear(parts)
+
+    def count(self, partition: int | None = None) -> int:
+        """Rows held in one partition, or in all of them."""
+        counts = self._book.counts
+        if partition is None:
+            return int(counts.sum())
+        (p,) = inputs.partition_list(partition, self.partitions)
+        return int(counts[p])
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the store to directory ``path`` atomically (see :mod:`kvmem.persist`)."""
+        from kvmem import persist
+
+        self._check_open()
+        with self._lock.read():
+            persist.save(self, Path(path))
+
+    def close(self) -> None:
+        """Release the store's resources; later calls raise. Idempotent."""
+        self._closed = True
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ shared helpers
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KvmemError(f"the {self.backend} store is closed")
+
+    def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(params) - self.search_params)
+        if unknown:
+            accepted = ", ".join(sorted(self.search_params)) or "none"
+            raise InvalidInputError(f"{self.backend} search accepts parameters ({accepted}); got {unknown[0]!r}")
+        return params
+
+    def _stored(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        """``x`` rounded to the storage dtype on the store's device; overflow raises."""
+        out = x.to(device=self.device, dtype=self.dtype)
+        if out.dtype != x.dtype:
+            inputs.check_finite(out, f"{what} rounded to {dtype_name(self.dtype)}")
+        return out
+
+    def _id_rows(self, plan: AddPlan) -> torch.Tensor:
+        """Ids ``(P, keep)`` of the rows an add stores."""
+        return torch.from_numpy(np.ascontiguousarray(plan.ids[:, plan.ids.shape[1] - plan.keep:]))
+
+    # ------------------------------------------------------------------ backend hooks
+    @abstractmethod
+    def _write(self, plan: AddPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the kept rows ``keys (P, keep, dim)`` at ``plan.slots`` and drop ``plan.evicted``."""
+
+    @abstractmethod
+    def _delete(self, plan: RemovePlan) -> None:
+        """Drop ``plan.removed`` and apply ``plan.moves`` (from slots -> to slots)."""
+
+    @abstractmethod
+    def _clear(self, partitions: list[int]) -> None:
+        """Drop every row of ``partitions``."""
+
+    @abstractmethod
+    def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact scores ``(P, q, k)`` float32 best first and slots ``(P, q, k)`` (``-1``: none)."""
+
+    @abstractmethod
+    def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ids, keys and values at ``slots (P, *shape)``; ``-1`` slots give id -1 and zero rows."""
+
+    @abstractmethod
+    def _save_files(self, directory: Path, tag: str) -> dict[str, str]:
+        """Write the data files into ``directory`` (names containing ``tag``); return role -> file name."""
+
+    @classmethod
+    @abstractmethod
+    def _open_saved(cls, config: StoreConfig, directory: Path, manifest: Mapping[str, Any],
+                    device: torch.device) -> MemoryStore:
+        """Rebuild a store from a validated save (files already checksummed)."""
+
+    @classmethod
+    def _create(cls, config: StoreConfig, device: torch.device, path: Path | None) -> MemoryStore:
+        """A new store; persistent backends create their directory at ``path``."""
+        if path is not None:
+            raise InvalidInputError(f"{cls.backend} keeps its rows in RAM and takes no path; use save(path)")
+        return cls(config, device)
+
+    @classmethod
+    def _open_directory(cls, path: Path, device: torch.device) -> MemoryStore:
+        """Open a store kept in place at ``path`` (persistent backends only)."""
+        raise InvalidInputError(f"{cls.backend} stores are opened from a save, not in place")
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any], device: torch.device) -> None:
+        """Validate backend option values (names are checked against ``defaults``); raise InvalidInputError."""
+        return None

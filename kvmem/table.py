@@ -1,0 +1,94 @@
+"""The row table: keys, values and ids of every row, in dense slots, on one device.
+
+Written once for the in-RAM backends. ``exact`` searches its key column
+directly; ``ivf`` and ``hnsw`` rank with their index and use the table to
+rescore exactly and to return keys and values. Slots come from :class:`IdBook`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["RowTable"]
+
+
+class RowTable:
+    """Named columns of shape ``(P, slots, *tail)``, grown geometrically.
+
+    Columns: ``keys (dim,)`` and ``values (value_dim,)`` in the store dtype,
+    ``ids ()`` int64, plus any a backend declares (``exact`` keeps
+    ``sqnorm ()`` float32). Not thread-safe: the store locks around it.
+    """
+
+    def __init__(self, partitions: int, columns: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 device: torch.device, capacity: int | None = None) -> None:
+        self.partitions = partitions
+        self.device = device
+        self.capacity = capacity
+        self.columns = dict(columns)
+        self.data = {name: torch.zeros((partitions, 0, *tail), dtype=dt, device=device)
+                     for name, (tail, dt) in self.columns.items()}
+
+    @property
+    def allocated(self) -> int:
+        return next(iter(self.data.values())).shape[1]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.data.values())
+
+    def reserve(self, slots: int) -> None:
+        """Make room for ``slots`` slots per partition (geometric growth, capped at capacity)."""
+        if slots <= self.allocated:
+            return
+        size = max(slots, int(self.allocated * 1.5), 1024)
+        if self.capacity is not None:
+            size = max(slots, min(size, self.capacity))
+        for name, old in self.data.items():
+            new = torch.zeros((self.partitions, size, *old.shape[2:]), dtype=old.dtype, device=self.device)
+            new[:, :old.shape[1]] = old
+            self.data[name] = new
+
+    def write(self, slots: np.ndarray, contiguous_from: int | None = None, **rows: torch.Tensor) -> None:
+        """Write ``rows[name] (P, n, *tail)`` into ``slots (P, n)``. Call :meth:`reserve` first."""
+        for name, value in rows.items():
+            col = self.data[name]
+            value = value.to(device=self.device, dtype=col.dtype)
+            if contiguous_from is not None:
+                col[:, contiguous_from:contiguous_from + slots.shape[1]] = value
+            else:
+                part = torch.arange(self.partitions, device=self.device).repeat_interleave(slots.shape[1])
+                col[part, torch.as_tensor(slots.reshape(-1), device=self.device)] = value.reshape(-1, *col.shape[2:])
+
+    def fill(self, partition: int, **rows: torch.Tensor) -> None:
+        """Write ``rows[name] (n, *tail)`` into slots ``[0, n)`` of one partition (loading a save)."""
+        for name, value in rows.items():
+            self.data[name][partition, :len(value)] = value.to(device=self.device, dtype=self.data[name].dtype)
+
+    def move(self, partition: int, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy rows ``src`` to ``dst`` of one partition (compaction after a removal)."""
+        if not len(src):
+            return
+        s = torch.as_tensor(src, device=self.device)
+        d = torch.as_tensor(dst, device=self.device)
+        for col in self.data.values():
+            col[partition, d] = col[partition, s]
+
+    def gather(self, name: str, slots: torch.Tensor) -> torch.Tensor:
+        """Column rows at ``slots (P, *shape)`` (``-1``: zeros) -> ``(P, *shape, *tail)``."""
+        col = self.data[name]
+        P, S = col.shape[:2]
+        if S == 0:
+            return torch.zeros((*slots.shape, *col.shape[2:]), dtype=col.dtype, device=self.device)
+        flat = col.reshape(P * S, *col.shape[2:])
+        offset = (torch.arange(P, device=slots.device) * S).view(P, *([1] * (slots.dim() - 1)))
+        index = (slots.clamp(min=0) + offset).to(self.device)
+        out = flat[index.reshape(-1)].reshape(*slots.shape, *col.shape[2:])
+        missing = (slots < 0).to(self.device)
+        if bool(missing.any()):
+            out[missing] = 0
+        return out
+
+    def rows(self, name: str, partition: int, count: int) -> torch.Tensor:
+        """The first ``count`` rows of one partition's column (a view)."""
+        return self.data[name][partition, :count]

@@ -1,0 +1,299 @@
+"""Blocked exact top-k search, shared by the ``exact`` and ``lmdb`` backends.
+
+A search never materialises a ``q x N`` score matrix: keys stream past in
+blocks, each block's scores are reduced into a :class:`RunningTopK`, and the
+memory of a call is O(block), whatever N is.
+
+Two ways to score a block:
+
+- **direct**: float32 scores, exact as any float32 brute force is.
+- **ranked** (the default where a fast bfloat16 matmul exists: CUDA, and CPUs
+  with AVX512-BF16 or AMX): rank with a bfloat16 matmul, keep ``k + margin``
+  candidates, rescore them exactly in float32, then *certify* each query: the
+  bfloat16 error of any score is bounded (Cauchy-Schwarz on the rounding of
+  query and key, plus the rounding of the output), so if the worst key left
+  out cannot beat the k-th rescored candidate even with that error, the
+  answer is the exact one. Queries that fail the certificate are searched
+  again directly. Results are exact either way; only the speed differs.
+
+Metrics are folded into the matmul so one kernel serves all three
+(``r`` is the ranking score, monotone in the returned score):
+
+======  ==================  ===================  ======================
+metric  query row           key row              r = query . key
+======  ==================  ===================  ======================
+ip      q                   k                    q.k
+l2      [2q, -1]            [k, |k|^2]           |q|^2 - |q-k|^2
+cos     q/|q|               k/|k|                cos(q, k)
+======  ==================  ===================  ======================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+
+__all__ = ["KeySource", "RunningTopK", "blocked_search", "exact_scores", "fast_rank_dtype"]
+
+NEG_INF = float("-inf")
+_GROUP = 16          # columns per group in the group-max prefilter
+_MARGIN = 16         # extra candidates kept by the ranked path
+_U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16
+_U_F32 = 2.0 ** -24
+
+
+class KeySource(Protocol):
+    """Where the keys of a blocked search come from (a tensor table, an LMDB map, ...)."""
+
+    partitions: int
+    device: torch.device
+
+    def counts(self) -> np.ndarray:
+        """Rows held per partition, ``(P,)``; partition p's rows are slots ``[0, counts[p])``."""
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Yield ``(first slot, keys (P, b, dim), sqnorm (P, b) float32)`` covering every slot."""
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        """Keys at ``slots (P, q, c)`` (``-1``: zeros) -> ``(P, q, c, dim)``."""
+
+    def max_sqnorm(self) -> torch.Tensor:
+        """Largest ``|k|^2`` of each partition's rows, ``(P,)`` float32 (an upper bound will do)."""
+
+
+def fast_rank_dtype(device: torch.device) -> torch.dtype | None:
+    """bfloat16 where its matmul is fast (CUDA, AVX512-BF16/AMX CPUs), else None."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        probe = getattr(cpu, "_is_avx512_bf16_supported", None)
+        amx = getattr(cpu, "_is_amx_tile_supported", None)
+        if (probe is not None and probe()) or (amx is not None and amx()):
+            return torch.bfloat16
+    return None
+
+
+class RunningTopK:
+    """The ``k`` best ``(score, column)`` pairs per row over streamed blocks.
+
+    ``push(scores (R, b), first_column)`` folds one block in. On the CPU a block
+    is first reduced to group maxima and only groups that beat the running
+    k-th score are looked at (after the first blocks, few do); elsewhere the
+    top-k groups are kept, which needs no data-dependent shapes.
+    """
+
+    def __init__(self, rows: int, k: int, device: torch.device) -> None:
+        self.k = k
+        self.values = torch.full((rows, k), NEG_INF, device=device)                  # (R, k)
+        self.columns = torch.full((rows, k), -1, dtype=torch.long, device=device)    # (R, k)
+        self.threshold = self.values[:, 0].clone()                                    # (R,) k-th best so far
+        self._sparse = device.type == "cpu"
+
+    def push(self, scores: torch.Tensor, first: int) -> None:
+        R, b = scores.shape
+        m = b // _GROUP
+        if m < self.k or b % _GROUP:
+            cols = torch.arange(first, first + b, device=scores.device).expand(R, b)
+            return self._merge(scores.float(), cols)
+        gmax = scores.view(R, _GROUP, m).amax(1)                                      # (R, m)
+        if self._sparse and self._push_sparse(scores, gmax, first, m):
+            return
+        _, group = gmax.topk(self.k, 1, sorted=False)                                 # (R, k)
+        cols = (torch.arange(_GROUP, device=scores.device)[None, :, None] * m + group[:, None, :]).reshape(R, -1)
+        self._merge(scores.gather(1, cols).float(), cols + first)
+
+    def _push_sparse(self, scores: torch.Tensor, gmax: torch.Tensor, first: int, m: int) -> bool:
+        rows, group = (gmax.float() > self.threshold[:, None]).nonzero(as_tuple=True)
+        if rows.numel() > scores.shape[0] * self.k // 2:
+            return False                                                              # dense block: top-k path
+        if rows.numel() == 0:
+            return True
+        R = scores.shape[0]
+        per_row = torch.bincount(rows, minlength=R)
+        width = int(per_row.max())
+        if width > 2 * self.k:
+            return False
+        slot = torch.arange(rows.numel(), device=rows.device) - (per_row.cumsum(0) - per_row)[rows]
+        cols = group[:, None] + torch.arange(_GROUP, device=rows.device)[None, :] * m  # (hits, G)
+        cand = torch.full((R, width, _GROUP), NEG_INF, device=scores.device)
+        cand_cols = torch.full((R, width, _GROUP), -1, dtype=torch.long, device=scores.device)
+        cand[rows, slot] = scores[rows[:, None], cols].float()
+        cand_cols[rows, slot] = cols + first
+        self._merge(cand.view(R, -1), cand_cols.view(R, -1))
+        return True
+
+    def _merge(self, values: torch.Tensor, columns: torch.Tensor) -> None:
+        values = torch.cat([self.values, values], 1)
+        columns = torch.cat([self.columns, columns], 1)
+        self.values, pick = values.topk(self.k, 1, sorted=False)
+        self.columns = columns.gather(1, pick)
+        self.threshold = self.values.amin(1)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores, columns)`` sorted best first; ``-1`` where fewer than k were seen."""
+        values, order = self.values.sort(1, descending=True)
+        columns = self.columns.gather(1, order)
+        return values, columns.masked_fill(values == NEG_INF, -1)
+
+
+def exact_scores(queries: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
+    """float32 scores of ``queries (P, q, d)`` against their own ``keys (P, q, c, d)`` -> ``(P, q, c)``."""
+    q = queries.float()
+    k = keys.float()
+    if metric == "l2":
+        return -((q[:, :, None, :] - k) ** 2).sum(-1)
+    dots = torch.einsum("pqd,pqcd->pqc", q, k)
+    if metric == "cos":
+        norms = q.norm(dim=-1)[:, :, None] * k.norm(dim=-1)
+        dots = torch.where(norms > 0, dots / norms.clamp(min=1e-30), torch.zeros_like(dots))
+    return dots
+
+
+def _rank_rows(queries: torch.Tensor, metric: str) -> torch.Tensor:
+    """The query rows of the table in the module docstring, float32 ``(P, q, d')``."""
+    if metric == "l2":
+        return torch.cat([2 * queries, -torch.ones_like(queries[..., :1])], -1)
+    if metric == "cos":
+        return queries / queries.norm(dim=-1, keepdim=True).clamp(min=1e-30)
+    return queries
+
+
+def _rank_keys(keys: torch.Tensor, sqnorm: torch.Tensor, metric: str, out: torch.Tensor) -> torch.Tensor:
+    """The key rows of the table in the module docstring, written into ``out (P, b, d')``."""
+    b, d = keys.shape[1], keys.shape[2]
+    out = out[:, :b]
+    if metric == "cos":
+        inv = torch.where(sqnorm > 0, sqnorm.clamp(min=1e-30).rsqrt(), torch.zeros_like(sqnorm))
+        out.copy_(keys.float() * inv[..., None])
+    else:
+        out[..., :d] = keys
+        if metric == "l2":
+            out[..., d] = sqnorm
+    return out
+
+
+def _block_rows(partitions: int, queries: int, budget: int, longest: int) -> int:
+    rows = max(1024, min(1 << 17, budget // max(1, partitions * queries)))
+    rows -= rows % 256
+    return max(1, min(rows, longest))
+
+
+def blocked_search(source: KeySource, queries: torch.Tensor, k: int, metric: str, *,
+                   rank_dtype: torch.dtype | None = None, block_elems: int | None = None,
+                   query_tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of ``queries (P, q, d)`` over ``source``: ``(scores (P, q, k) f32, slots (P, q, k))``.
+
+    Scores are the float32 scores of :func:`exact_scores`, sorted best first;
+    slots are ``-1`` (score ``-inf``) where a partition holds fewer than k rows.
+    ``rank_dtype=torch.bfloat16`` takes the certified ranked path.
+    """
+    P, q, _ = queries.shape
+    device = source.device
+    scores = torch.full((P, q, k), NEG_INF, device=device)
+    slots = torch.full((P, q, k), -1, dtype=torch.long, device=device)
+    counts = source.counts()
+    if q == 0 or counts.max(initial=0) == 0:
+        return scores, slots
+    budget = block_elems or (1 << 25 if device.type == "cpu" else 1 << 28)
+    tile = query_tile or max(1, (4096 if device.type == "cpu" else 65536) // P)
+    for t in range(0, q, tile):
+        part = slice(t, min(q, t + tile))
+        scores[:, part], slots[:, part] = _search_tile(source, queries[:, part], k, metric, rank_dtype, budget)
+    return scores, slots
+
+
+def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
+                 rank_dtype: torch.dtype | None, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    P, q, d = queries.shape
+    counts = source.counts()
+    keep = k + _MARGIN if rank_dtype is not None else k
+    work = rank_dtype or torch.float32
+    qrows = _rank_rows(queries.float(), metric).to(work)                             # (P, q, d')
+    rows = _block_rows(P, q, budget, int(counts.max()))
+    kbuf = torch.empty((P, rows, qrows.shape[-1]), dtype=work, device=source.device)
+    sbuf = torch.empty(P * q * rows, dtype=work, device=source.device)
+    exact_keys = metric == "ip"
+    running = RunningTopK(P * q, keep, source.device)
+    short = torch.as_tensor(counts, device=source.device)[:, None, None]              # (P, 1, 1)
+    for first, keys, sqnorm in source.blocks(rows):
+        b = keys.shape[1]
+        if metric == "ip" and keys.dtype == work:
+            krows = keys
+        else:
+            krows = _rank_keys(keys, sqnorm, metric, kbuf)
+            exact_keys = False
+        block = sbuf[:P * q * b].view(P, q, b)
+        torch.bmm(qrows, krows.transpose(1, 2), out=block)                               # (P, q, b)
+        if bool((counts < first + b).any()):
+            tail = torch.arange(first, first + b, device=source.device)[None, None, :] >= short
+            block.masked_fill_(tail, NEG_INF)
+        running.push(block.view(P * q, b), first)
+    approx, cand = running.result()                                                    # (P*q, keep)
+    cand = cand.view(P, q, keep)
+    exact = exact_scores(queries, source.gather(cand), metric).masked_fill(cand < 0, NEG_INF)
+    best, pick = exact.topk(k, -1)                                                     # (P, q, k)
+    best_slots = cand.gather(-1, pick).masked_fill(best == NEG_INF, -1)
+    if rank_dtype is not None:
+        failed = ~_certified(queries, qrows, approx.view(P, q, keep), best, source, metric, exact_keys)
+        if bool(failed.any()):
+            _redo_directly(source, queries, k, metric, budget, failed, best, best_slots)
+    return best, best_slots
+
+
+def _certified(queries: torch.Tensor, qrows: torch.Tensor, approx: torch.Tensor, best: torch.Tensor,
+               source: KeySource, metric: str, exact_keys: bool) -> torch.Tensor:
+    """``(P, q)`` True where no key left out by the bfloat16 ranking can be in the true top-k.
+
+    ``exact_keys``: the keys entered the matmul unrounded (bfloat16 ip storage).
+    """
+    qnorm = qrows.float().norm(dim=-1)                                                 # (P, q)
+    top = source.max_sqnorm().to(qnorm.device).clamp(min=0)[:, None]                   # (P, 1)
+    knorm = {"ip": top.sqrt(), "l2": (top + top * top).sqrt(), "cos": torch.ones_like(top)}[metric]
+    u, uk = _U_BF16, 0.0 if exact_keys else _U_BF16
+    dim = qrows.shape[-1]
+    bound = qnorm * knorm * (u + uk + u * uk + (dim + 8) * 2 * _U_F32)                # (P, q)
+    left_out = approx[..., -1]                                                          # kk-th approx score
+    worst = left_out + u * left_out.abs() + bound
+    kth = best[..., -1]
+    if metric == "l2":
+        kth = kth + queries.float().pow(2).sum(-1)                                       # into r = |q|^2 - |q-k|^2
+    counts = torch.as_tensor(source.counts(), device=qnorm.device)[:, None]
+    return (left_out == NEG_INF) | (worst < kth) | (counts <= approx.shape[-1])
+
+
+def _redo_directly(source: KeySource, queries: torch.Tensor, k: int, metric: str, budget: int,
+                   failed: torch.Tensor, best: torch.Tensor, best_slots: torch.Tensor) -> None:
+    """Search the uncertified queries again in float32, in place."""
+    for p in failed.any(1).nonzero().flatten().tolist():
+        who = failed[p].nonzero().flatten()
+        sub = _Partition(source, p)
+        s, i = _search_tile(sub, queries[p:p + 1, who], k, metric, None, budget)
+        best[p, who], best_slots[p, who] = s[0], i[0]
+
+
+class _Partition:
+    """One partition of a key source, seen as a source of its own."""
+
+    def __init__(self, source: KeySource, partition: int) -> None:
+        self._source, self._p = source, partition
+        self.partitions, self.device = 1, source.device
+
+    def counts(self) -> np.ndarray:
+        return self._source.counts()[self._p:self._p + 1]
+
+    def blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        for first, keys, sqnorm in self._source.blocks(rows):
+            yield first, keys[self._p:self._p + 1], sqnorm[self._p:self._p + 1]
+
+    def gather(self, slots: torch.Tensor) -> torch.Tensor:
+        full = torch.full((self._source.partitions, *slots.shape[1:]), -1, dtype=slots.dtype, device=slots.device)
+        full[self._p] = slots[0]
+        return self._source.gather(full)[self._p:self._p + 1]
+
+    def max_sqnorm(self) -> torch.Tensor:
+        return self._source.max_sqnorm()[self._p:self._p + 1]
+
