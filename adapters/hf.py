@@ -33,6 +33,7 @@ to it atomically (a crash leaves the previous save or the new one).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 from collections.abc import Mapping, Sequence
@@ -43,6 +44,8 @@ from typing import Any
 import torch
 
 import kvmem
+from kvmem.api import backends  # kvmem.backends() itself: the attribute is shadowed once the
+# kvmem.backends subpackage is imported (reported to the lead)
 from kvmem.errors import BackendUnavailableError, CorruptStoreError, InvalidInputError, KvmemError
 
 from . import _hf_layer as hfl
@@ -307,7 +310,7 @@ def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapt
 
 def _require_transformers() -> None:
     try:
-        import transformers  # noqa: F401
+        importlib.import_module("transformers")
     except ImportError as exc:
         raise BackendUnavailableError(
             "kvmem.adapters.hf needs transformers: pip install 'kvmem[hf]'"
@@ -315,7 +318,7 @@ def _require_transformers() -> None:
 
 
 def _check_backend(backend: Any) -> None:
-    known = kvmem.backends()
+    known = backends()
     if not isinstance(backend, str) or backend not in known:
         raise InvalidInputError(f"backend: expected one of {sorted(known)}, got {backend!r}")
     if not known[backend].available:

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-import kvmem
+from kvmem.api import backends  # = kvmem.backends(), shadowed by the kvmem.backends subpackage
 
 # Backend -> (store_options, search_options) at high-recall settings for the benchmark.
 SETTINGS = {
@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     print("| backend | rows per kv head | fill+build s | forward s | × no memory |")
     print("|---|---:|---:|---:|---:|")
     print(f"| (no memory) | 0 | - | {base:.4f} | 1.00 |")
-    available = kvmem.backends()
+    available = backends()
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         info = available.get(backend)
         if info is None or not info.available:

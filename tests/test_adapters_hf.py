@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import kvmem
+from kvmem.api import backends  # = kvmem.backends(), which importing kvmem.backends.* shadows
 from kvmem.errors import InvalidInputError
 
 transformers = pytest.importorskip("transformers")
@@ -255,7 +255,7 @@ def test_save_load_in_new_process_continues_like_uninterrupted(tmp_path, positio
 
 def unavailable(name):
     """None if kvmem.backends() says ``name`` works here, else its reason."""
-    info = kvmem.backends().get(name)
+    info = backends().get(name)
     if info is None:
         return "not registered"
     return None if info.available else (info.reason or "unavailable")
