@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from kvmem.benchmarks.report import machine_info
 from kvmem.api import backends  # = kvmem.backends(), shadowed by the kvmem.backends subpackage
 
 # Backend -> (store_options, search_options) at high-recall settings for the benchmark.
@@ -135,6 +136,8 @@ def main(argv=None) -> None:
 
     base = timed(plain, args.repeats)
     head_dim = args.hidden // args.heads
+    machine = ", ".join(f"{k} {v}" for k, v in machine_info().items())
+    print(f"# machine: {machine}")
     print(f"# adapter forward: chunk {args.chunk} tokens, memory {args.memory:,} tokens per kv head, "
           f"k={args.k}, positions={args.positions}, hidden {args.hidden}, layers {args.layers} "
           f"(memory on {args.memory_layers}), heads {args.heads}/{args.kv_heads}, head_dim {head_dim}, "
