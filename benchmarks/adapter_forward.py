@@ -23,16 +23,22 @@ import time
 
 import torch
 
-from kvmem.benchmarks.report import machine_info
+import kvmem
 from kvmem.api import backends  # = kvmem.backends(), shadowed by the kvmem.backends subpackage
+from kvmem.benchmarks.report import machine_info
 
-# Backend -> (store_options, search_options) at high-recall settings for the benchmark.
-SETTINGS = {
-    "exact": ({}, {}),
-    "ivf": ({}, {}),
-    "hnsw": ({}, {}),
-    "lmdb": ({}, {}),
-}
+def settings(backend: str, args) -> tuple[dict, dict]:
+    """(store_options, search_options) for ``backend``, using only the names it declares."""
+    cls = kvmem.registry.resolve(backend)
+    store, search = {}, {}
+    if "nlist" in cls.defaults:
+        store["nlist"] = args.nlist or max(1, int(4 * args.memory**0.5))
+    if "nprobe" in cls.search_params:
+        search["nprobe"] = args.nprobe
+    for name in ("ef", "ef_search"):
+        if name in cls.search_params:
+            search[name] = args.ef
+    return store, search
 
 
 def tiny_model(hidden: int, layers: int, heads: int, kv_heads: int, vocab: int):
@@ -76,7 +82,7 @@ def fill(store, rows: int, scale: float, batch: int, seed: int) -> None:
 
 
 def run_backend(model, backend, args, chunk, rest):
-    store_options, search_options = SETTINGS.get(backend, ({}, {}))
+    store_options, search_options = settings(backend, args)
     store_options = {"dtype": getattr(torch, args.dtype), **store_options}
     with tempfile.TemporaryDirectory(prefix="kvmem-bench-") as tmp:
         if backend == "lmdb":
@@ -118,6 +124,9 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--memory-layers", default="1", help='"all" or how many last layers get memory')
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4 * sqrt(memory))")
+    p.add_argument("--nprobe", type=int, default=32, help="IVF lists searched per query")
+    p.add_argument("--ef", type=int, default=128, help="HNSW search breadth")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--fill-batch", type=int, default=65536)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -152,9 +161,12 @@ def main(argv=None) -> None:
             reason = "not registered" if info is None else info.reason
             print(f"| {backend} | - | - | unavailable: {reason} | - |")
             continue
+        store_options, search_options = settings(backend, args)
         fill_s, forward_s, rows = run_backend(model, backend, args, chunk, rest)
         per_head = min(rows.values())
-        print(f"| {backend} | {per_head:,} | {fill_s:.1f} | {forward_s:.4f} | {forward_s / base:.2f} |")
+        opts = ", ".join(f"{k}={v}" for k, v in {**store_options, **search_options}.items())
+        name = f"{backend} ({opts})" if opts else backend
+        print(f"| {name} | {per_head:,} | {fill_s:.1f} | {forward_s:.4f} | {forward_s / base:.2f} |")
 
 
 if __name__ == "__main__":

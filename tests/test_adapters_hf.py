@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import kvmem
 from kvmem.api import backends  # = kvmem.backends(), which importing kvmem.backends.* shadows
 from kvmem.errors import InvalidInputError
 
@@ -261,10 +262,13 @@ def unavailable(name):
     return None if info.available else (info.reason or "unavailable")
 
 
-HIGH_RECALL = {
-    "ivf": ({"nlist": 4}, {"nprobe": 4}),
-    "hnsw": ({"M": 16, "ef_construction": 200}, {"ef": 256}),
-}
+def high_recall(backend):
+    """(store_options, search_options) at high-recall settings, from what the backend declares."""
+    cls = kvmem.registry.resolve(backend)
+    store = {"nlist": 8} if "nlist" in cls.defaults else {}  # small, so IVF trains on this memory
+    search = {name: value for name, value in (("nprobe", 4), ("ef", 128), ("ef_search", 128))
+              if name in cls.search_params}
+    return store, search
 
 
 @pytest.mark.parametrize("backend", ["ivf", "hnsw"])
@@ -272,9 +276,9 @@ def test_approximate_backends_agree_with_exact_on_top1(backend):
     reason = unavailable(backend)
     if reason is not None:
         pytest.skip(f"kvmem.backends() reports {backend!r} unavailable here: {reason}")
-    store_options, search_options = HIGH_RECALL[backend]
+    store_options, search_options = high_recall(backend)
     model = tiny()
-    ids = tokens(1, 320)
+    ids = tokens(1, 640)
     preds = {}
     for name, opts, params in [("exact", {}, {}), (backend, store_options, search_options)]:
         adapter = hf.attach(model, backend=name, k=16, positions="first", chunk_size=64,
