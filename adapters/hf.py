@@ -144,7 +144,13 @@ class MemoryAdapter:
         hfl.register()
         for config in self._configs:
             hfl.remember_original(config, original)
-        model.set_attn_implementation(hfl.ATTN_NAME)
+        try:
+            model.set_attn_implementation(hfl.ATTN_NAME)
+        except BaseException:
+            for config, impl in self._saved_impl:
+                config._attn_implementation_internal = impl
+                hfl.forget_original(config)
+            raise
         for i, module in self._modules.items():
             setattr(module, hfl.MEMORY_ATTR, self._memories[i])
 
