@@ -4,7 +4,8 @@ For each backend: a tiny random Llama (no download) gets a memory on its last
 layer(s) through ``kvmem.adapters.hf.attach``; the memory is filled directly
 with ``--memory`` rows per key-value head (random keys scaled like the model's
 own keys, so the index sees a realistic spread), then one ``--chunk``-token
-window is fed (attend + write) and timed. The same model without memory is
+window is timed twice: a plain forward, which reads memory, and ``feed``,
+which reads memory and then writes the window into it. The same model without memory is
 timed in the same run and every figure is printed as a ratio to it.
 
     python -m kvmem.benchmarks.adapter_forward                      # 1M tokens per kv head
@@ -104,8 +105,14 @@ def _run(model, backend, args, chunk, rest, store_options, search_options):
             fill(store, args.memory, scale or 1.0, args.fill_batch, seed=i)
         fill_s = time.perf_counter() - t0
         rows = {i: len(s) // s.partitions for i, s in adapter.stores.items()}
-        forward_s = timed(lambda: adapter.feed(chunk), args.repeats)
-        return fill_s, forward_s, rows
+
+        def read():
+            with torch.no_grad():
+                model(chunk, use_cache=False)  # outside feed: memory is read, not written
+
+        read_s = timed(read, args.repeats)
+        feed_s = timed(lambda: adapter.feed(chunk), args.repeats)
+        return fill_s, read_s, feed_s, rows
     finally:
         adapter.detach()
 
@@ -151,22 +158,24 @@ def main(argv=None) -> None:
           f"k={args.k}, positions={args.positions}, hidden {args.hidden}, layers {args.layers} "
           f"(memory on {args.memory_layers}), heads {args.heads}/{args.kv_heads}, head_dim {head_dim}, "
           f"store {args.dtype}, torch threads {torch.get_num_threads()}")
-    print("| backend | rows per kv head | fill+build s | forward s | × no memory |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| (no memory) | 0 | - | {base:.4f} | 1.00 |")
+    print("| backend | rows per kv head | fill+build s | forward s (read) | × no memory "
+          "| feed s (read + write) | × no memory |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| (no memory) | 0 | - | {base:.4f} | 1.00 | - | - |")
     available = backends()
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         info = available.get(backend)
         if info is None or not info.available:
             reason = "not registered" if info is None else info.reason
-            print(f"| {backend} | - | - | unavailable: {reason} | - |")
+            print(f"| {backend} | - | - | unavailable: {reason} | - | - | - |")
             continue
         store_options, search_options = settings(backend, args)
-        fill_s, forward_s, rows = run_backend(model, backend, args, chunk, rest)
+        fill_s, read_s, feed_s, rows = run_backend(model, backend, args, chunk, rest)
         per_head = min(rows.values())
         opts = ", ".join(f"{k}={v}" for k, v in {**store_options, **search_options}.items())
         name = f"{backend} ({opts})" if opts else backend
-        print(f"| {name} | {per_head:,} | {fill_s:.1f} | {forward_s:.4f} | {forward_s / base:.2f} |")
+        print(f"| {name} | {per_head:,} | {fill_s:.1f} | {read_s:.4f} | {read_s / base:.2f} "
+              f"| {feed_s:.4f} | {feed_s / base:.2f} |")
 
 
 if __name__ == "__main__":
