@@ -12,7 +12,7 @@ import torch
 
 import kvmem
 from kvmem.api import backends  # = kvmem.backends(), which importing kvmem.backends.* shadows
-from kvmem.errors import InvalidInputError
+from kvmem.errors import CorruptStoreError, InvalidInputError
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
@@ -210,6 +210,24 @@ def test_bad_arguments_are_refused_before_touching_the_model():
     with pytest.raises(InvalidInputError, match="return_logits"):
         adapter.feed(tokens(1, 4), return_logits="first")
     adapter.detach()
+
+
+def test_load_refuses_a_damaged_save_or_another_model(tmp_path):
+    model = tiny()
+    adapter = hf.attach(model, k=4, chunk_size=8)
+    adapter.feed(tokens(1, 16))
+    adapter.save(tmp_path / "memory")
+    adapter.save(tmp_path / "memory")  # a second save replaces the first snapshot
+    adapter.detach()
+    assert len(list((tmp_path / "memory").glob("snapshot-*"))) == 1
+    with pytest.raises(InvalidInputError, match="shaped like"):
+        hf.load(tiny("qwen2"), tmp_path / "memory")
+    manifest = tmp_path / "memory" / "adapter.json"
+    manifest.write_text(manifest.read_text()[:40])
+    with pytest.raises(CorruptStoreError):
+        hf.load(model, tmp_path / "memory")
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, "kvmem_memory") for m in model.modules())
 
 
 def test_model_without_attention_interface_gets_a_clear_error():
