@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -45,6 +45,15 @@ _MARGIN = 16         # extra candidates kept by the ranked path
 _U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16
 _U_F32 = 2.0 ** -24
 _SMALL_Q = 8         # fewer queries than this: a memory-bound matvec, one BLAS thread is enough
+
+
+class _Limits(NamedTuple):
+    score_elems: int     # a score block holds at most this many elements
+    max_rows: int        # keys per block at most (more blocks cost Python overhead; fewer, cache)
+    query_rows: int      # partitions x queries per tile
+
+
+_LIMITS = {"cpu": _Limits(1 << 25, 1 << 17, 4096), "cuda": _Limits(1 << 30, 1 << 20, 65536)}
 
 
 class KeySource(Protocol):
@@ -214,6 +223,8 @@ class _BlockScorer:
         if self._numpy:
             with _blas_threads(1 if q < _SMALL_Q else None):
                 np.matmul(self.qrows.numpy(), krows.numpy().transpose(0, 2, 1), out=block.numpy())
+        elif block.device.type == "cuda":
+            torch.bmm(self.qrows, krows.transpose(1, 2), out=block)
         elif q == 1:                            # torch dispatches bf16 matvecs to oneDNN only as K @ q
             for p in range(P):
                 torch.mm(krows[p], self.qrows[p].T, out=block[p].view(b, 1))
@@ -244,13 +255,14 @@ def _blas_threads(limit: int | None) -> contextlib.AbstractContextManager[object
 _CONTROLLER = None
 
 
-def _block_rows(partitions: int, queries: int, width: int, budget: int, longest: int, converts: bool) -> int:
+def _block_rows(partitions: int, queries: int, width: int, budget: int, longest: int, converts: bool,
+                max_rows: int) -> int:
     """Keys per block: the score block ``P x q x rows`` within ``budget`` elements, and where keys are
     converted, the key buffer within a cache-sized eighth of it (converted blocks are read twice)."""
     rows = budget // max(1, partitions * queries)
     if converts:
         rows = min(rows, budget // 8 // max(1, partitions * width))
-    rows = max(1024, min(1 << 17, rows))
+    rows = max(1024, min(max_rows, rows))
     rows -= rows % 256
     return max(1, min(rows, longest))
 
@@ -271,22 +283,24 @@ def blocked_search(source: KeySource, queries: torch.Tensor, k: int, metric: str
     counts = source.counts()
     if q == 0 or counts.max(initial=0) == 0:
         return scores, slots
-    budget = block_elems or (1 << 25 if device.type == "cpu" else 1 << 28)
-    tile = query_tile or max(1, (4096 if device.type == "cpu" else 65536) // P)
+    limits = _LIMITS["cpu" if device.type == "cpu" else "cuda"]
+    budget = block_elems or limits.score_elems
+    tile = query_tile or max(1, limits.query_rows // P)
     for t in range(0, q, tile):
         part = slice(t, min(q, t + tile))
-        scores[:, part], slots[:, part] = _search_tile(source, queries[:, part], k, metric, rank_dtype, budget)
+        scores[:, part], slots[:, part] = _search_tile(source, queries[:, part], k, metric, rank_dtype, budget,
+                                                       limits.max_rows)
     return scores, slots
 
 
 def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
-                 rank_dtype: torch.dtype | None, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 rank_dtype: torch.dtype | None, budget: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     P, q, d = queries.shape
     counts = source.counts()
     keep = k + _MARGIN if rank_dtype is not None else k
     work = rank_dtype or torch.float32
     converts = not (metric == "ip" and source.dtype == work)
-    rows = _block_rows(P, q, d + 1, budget, int(counts.max()), converts)
+    rows = _block_rows(P, q, d + 1, budget, int(counts.max()), converts, max_rows)
     score = _BlockScorer(queries, metric, work, rows)
     running = RunningTopK(P * q, keep, source.device)
     held = torch.as_tensor(counts, device=source.device)[:, None, None]               # (P, 1, 1)
@@ -305,7 +319,7 @@ def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
         failed = ~_certified(queries, score.qrows, approx.view(P, q, keep), best, source, metric,
                              not score.rounded_keys)
         if bool(failed.any()):
-            _redo_directly(source, queries, k, metric, budget, failed, best, best_slots)
+            _redo_directly(source, queries, k, metric, budget, max_rows, failed, best, best_slots)
     return best, best_slots
 
 
@@ -330,13 +344,13 @@ def _certified(queries: torch.Tensor, qrows: torch.Tensor, approx: torch.Tensor,
     return (left_out == NEG_INF) | (worst < kth) | (counts <= approx.shape[-1])
 
 
-def _redo_directly(source: KeySource, queries: torch.Tensor, k: int, metric: str, budget: int,
+def _redo_directly(source: KeySource, queries: torch.Tensor, k: int, metric: str, budget: int, max_rows: int,
                    failed: torch.Tensor, best: torch.Tensor, best_slots: torch.Tensor) -> None:
     """Search the uncertified queries again in float32, in place."""
     for p in failed.any(1).nonzero().flatten().tolist():
         who = failed[p].nonzero().flatten()
         sub = _Partition(source, p)
-        s, i = _search_tile(sub, queries[p:p + 1, who], k, metric, None, budget)
+        s, i = _search_tile(sub, queries[p:p + 1, who], k, metric, None, budget, max_rows)
         best[p, who], best_slots[p, who] = s[0], i[0]
 
 
