@@ -23,8 +23,8 @@ For each dataset (clustered, gaussian; metric ip), in one process:
 Timings are medians of ``repeats`` calls after a warm-up; a kvmem call and its
 peer's alternate, so both see the same machine. Functions are importable:
 :func:`run` for everything, ``bench_*`` per backend, ``build_*`` for the
-contenders, and :func:`contenders` gives ``ivf``, ``faiss-ivf``, ``hnsw`` and
-``hnswlib`` in the form ``kvmem bench`` (:mod:`kvmem.benchmarks.runner`) takes.
+contenders, :func:`render` for RESULTS.md; :mod:`kvmem.benchmarks.ann_peers`
+gives ``ivf``, ``faiss-ivf``, ``hnsw`` and ``hnswlib`` as ``kvmem bench`` contenders.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import argparse
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,10 @@ import kvmem
 
 from .datasets import Dataset, load_dataset
 from .recall import GroundTruth, dataset_truth, recall_at_k
-from .report import BenchResult, format_table, machine_info, write_json
+from .report import BenchResult, format_table, machine_info, markdown_table, write_json
 
-__all__ = ["AnnConfig", "run", "build_kvmem", "build_faiss_ivf", "build_hnswlib", "interleaved", "contenders",
-           "bench_exact", "bench_ivf", "bench_hnsw", "main"]
+__all__ = ["AnnConfig", "run", "build_kvmem", "build_faiss_ivf", "build_hnswlib", "interleaved",
+           "bench_exact", "bench_ivf", "bench_hnsw", "render", "main"]
 
 ADD_BATCH = 65536
 
@@ -244,72 +244,6 @@ def bench_exact(data: Dataset, truth: GroundTruth, config: AnnConfig) -> BenchRe
         store.close()
 
 
-# ---------------------------------------------------------------------------------------------- kvmem bench
-class _Store:
-    """A kvmem ``ivf`` / ``hnsw`` store as a :class:`kvmem.benchmarks.contenders.Built`."""
-
-    def __init__(self, backend: str, data: Dataset, options: Mapping[str, Any]) -> None:
-        self.store, _ = build_kvmem(backend, data, **options)
-        self.nbytes = self.store.nbytes()
-
-    def search(self, queries: np.ndarray, k: int, **params: Any) -> np.ndarray:
-        return self.store.search(torch.from_numpy(queries), k, **params).ids.numpy()
-
-    def close(self) -> None:
-        self.store.close()
-
-
-class _RawIVF:
-    """Raw faiss IndexIVFFlat, nlist 4 sqrt(N); nprobe per call (faiss's default 1 without one)."""
-
-    def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
-        from kvmem.backends.ivf import index_nbytes
-
-        nlist = options.get("nlist") or max(1, round(4 * math.sqrt(data.size)))
-        self.index, _ = build_faiss_ivf(data, nlist)
-        self.nbytes, self.metric = index_nbytes(self.index), data.metric
-
-    def search(self, queries: np.ndarray, k: int, nprobe: int = 1) -> np.ndarray:
-        import faiss
-
-        q = _unit(queries) if self.metric == "cos" else queries
-        return self.index.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
-
-    def close(self) -> None:
-        self.index.reset()
-
-
-class _RawHNSW:
-    """Raw hnswlib, M 16 and ef_construction 200 (both libraries' defaults); ef per call (10 without one)."""
-
-    def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
-        from kvmem.backends.hnsw import graph_nbytes
-
-        self.index, _ = build_hnswlib(data, options.get("M", 16), options.get("ef_construction", 200))
-        self.nbytes = graph_nbytes(self.index)
-
-    def search(self, queries: np.ndarray, k: int, ef: int = 10) -> np.ndarray:
-        self.index.set_ef(ef)                       # one caller at a time: kvmem bench is serial
-        return self.index.knn_query(queries, k)[0].astype(np.int64)
-
-    def close(self) -> None:
-        self.index = None
-
-
-def contenders() -> dict[str, Any]:
-    """``ivf``, ``hnsw`` and their raw peers as :class:`kvmem.benchmarks.contenders.Contender` s."""
-    from .contenders import Contender
-
-    return {c.name: c for c in (
-        Contender("ivf", lambda data, options: _Store("ivf", data, options), kvmem=True, peer="faiss-ivf",
-                  sweep_param="nprobe", description="kvmem ivf (faiss IVF-Flat, target_recall 0.95)"),
-        Contender("faiss-ivf", _RawIVF, sweep_param="nprobe", description="raw faiss IndexIVFFlat"),
-        Contender("hnsw", lambda data, options: _Store("hnsw", data, options), kvmem=True, peer="hnswlib",
-                  sweep_param="ef", description="kvmem hnsw (hnswlib, target_recall 0.95)"),
-        Contender("hnswlib", _RawHNSW, sweep_param="ef", description="raw hnswlib"),
-    )}
-
-
 # ---------------------------------------------------------------------------------------------- all
 def run(config: AnnConfig, *, verbose: bool = True) -> list[BenchResult]:
     """Every dataset of ``config``; prints tables, writes ``results.json`` and one plot per dataset."""
@@ -334,6 +268,48 @@ def run(config: AnnConfig, *, verbose: bool = True) -> list[BenchResult]:
             print(format_table(rows[:1], ["backend", "build_s", "bytes_per_row", "qps", "recall"]), flush=True)
         _plot(rows, config.out / f"recall_qps_{name}.png", f"{data.name}, k={config.k}", config.k)
     return results
+
+
+def render(results: Sequence[BenchResult]) -> str:
+    """The RESULTS.md section of one :func:`run`: per dataset, the defaults, the sweeps and the targets."""
+    out = []
+    for name in dict.fromkeys(r.extra["dataset"] for r in results):
+        rows = [r for r in results if r.extra["dataset"] == name]
+        e = rows[0].extra
+        out += [f"**{name}**: {e['n']:,} rows, {e['queries']} queries, k = {e['k']}, metric ip; "
+                "QPS from the median of the timed batches, ratios within the same run.", ""]
+        head = ["backend", "knob", "recall", "QPS", "QPS / exact", "build s per 1M rows", "bytes per row"]
+        table = []
+        for r in rows:
+            peer = r.backend in ("faiss-ivf", "hnswlib") and r is _last(rows, r.backend)
+            if r.backend == "exact" or r.extra.get("defaults"):
+                knob = {k: v for k, v in {**r.params, **r.extra}.items() if k in ("nprobe", "ef", "nlist")}
+                table.append([r.backend + ("" if r.backend == "exact" else " (defaults)"), knob or "-", r.recall,
+                              r.qps, f"{r.extra.get('qps_vs_exact', 1.0):.1f}", r.build_s * 1e6 / r.extra["n"],
+                              r.bytes_per_row])
+            elif peer:
+                table.append([f"{r.backend} (its own build)", "-", "-", "-", "-", r.build_s * 1e6 / r.extra["n"],
+                              r.bytes_per_row])
+        out += [markdown_table(head, table), ""]
+        head = ["knob", "kvmem recall", "kvmem QPS", "library on kvmem's index: QPS", "wrapper tax",
+                "library's own build: recall", "its QPS"]
+        for backend, peer in (("ivf", "faiss-ivf"), ("hnsw", "hnswlib")):
+            swept = [r for r in rows if r.backend == backend and not r.extra.get("defaults")]
+            same = {repr(r.params): r for r in rows if r.backend == f"{peer}/same-index"}
+            own = {repr(r.params): r for r in rows if r.backend == peer}
+            table = [[r.params, r.recall, r.qps, same[repr(r.params)].qps, f"{r.extra['wrapper_tax']:.2f}",
+                      own[repr(r.params)].recall, own[repr(r.params)].qps] for r in swept]
+            out += [f"`{backend}` against {peer} at equal settings:", "", markdown_table(head, table), ""]
+        head = ["backend", "target_recall", "knob chosen", "recall on the sample", "recall on the queries", "QPS"]
+        table = [[r.backend.removesuffix("-target"), r.params["target_recall"],
+                  {k: r.extra[k] for k in ("nprobe", "ef") if k in r.extra}, r.extra["calibrated_recall"],
+                  r.recall, r.qps] for r in rows if r.backend.endswith("-target")]
+        out += ["`target_recall` calibrated at the final size:", "", markdown_table(head, table), ""]
+    return "\n".join(out)
+
+
+def _last(rows: Sequence[BenchResult], backend: str) -> BenchResult:
+    return [r for r in rows if r.backend == backend][-1]
 
 
 def ratios(rows: Sequence[BenchResult]) -> str:

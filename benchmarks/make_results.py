@@ -77,6 +77,20 @@ def _lookup_render(data: Any) -> str:
     return lookup.render([LookupResult(**r) for r in data])
 
 
+def _ann(out: Path) -> Any:
+    from . import ann
+
+    results = ann.run(ann.AnnConfig(out=out / "ann"), verbose=False)
+    return [dataclasses.asdict(r) for r in results]
+
+
+def _ann_render(data: Any) -> str:
+    from . import ann
+    from .report import BenchResult
+
+    return ann.render([BenchResult(**r) for r in data])
+
+
 SECTIONS: dict[str, Section] = {
     "exact": Section("`exact` against faiss `IndexFlatIP` and naive torch",
                      "python -m kvmem.benchmarks.exact_flat", _exact, _exact_render),
@@ -84,6 +98,8 @@ SECTIONS: dict[str, Section] = {
     "lookup": Section("Memory lookup task: accuracy vs memory size",
                       "python -m kvmem.benchmarks.lookup --sizes 16384,65536,262144,1048576,4194304",
                       _lookup, _lookup_render),
+    "ann": Section("Approximate backends `ivf` and `hnsw` against faiss and hnswlib (issue 3)",
+                   "flock /tmp/kvmem-heavy.lock python -m kvmem.benchmarks.ann --size 1000000", _ann, _ann_render),
 }
 
 
