@@ -4,7 +4,8 @@ Run (on a shared machine, one heavy job at a time)::
 
     flock /tmp/kvmem-heavy.lock python -m kvmem.benchmarks.ann --size 1000000 --out bench-ann
 
-For each dataset (clustered, gaussian; metric ip), in one process:
+For each dataset (clustered and gaussian with metric ip; clustered with l2, where HNSW
+searches a true metric), in one process:
 
 - ground truth: exact top-k, rescored in float64 (:mod:`kvmem.benchmarks.recall`);
 - kvmem ``exact`` at its defaults: the QPS every other row is divided by;
@@ -58,7 +59,7 @@ class AnnConfig:
     dim: int = 128
     queries: int = 1000
     k: int = 32
-    datasets: tuple[str, ...] = ("clustered", "gaussian")
+    datasets: tuple[str, ...] = ("clustered", "gaussian", "clustered:l2")   # name or name:metric
     metric: str = "ip"
     nprobes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     efs: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
@@ -143,7 +144,7 @@ def _sweep(store: kvmem.MemoryStore, data: Dataset, truth: GroundTruth, config: 
     knob, backend = store.param, store.backend
     queries = np.ascontiguousarray(data.queries, np.float32)
     qt = torch.from_numpy(queries)
-    common = {"dataset": data.name, "n": data.size, "k": config.k, "queries": len(queries)}
+    common = {"dataset": data.name, "metric": data.metric, "n": data.size, "k": config.k, "queries": len(queries)}
     nbytes = store.nbytes() / data.size
 
     def record(name: str, params: dict, secs: float, ids: np.ndarray, extra: dict, per_row: float = math.nan,
@@ -186,7 +187,8 @@ def bench_ivf(data: Dataset, truth: GroundTruth, config: AnnConfig, exact_qps: f
 
     from kvmem.backends.ivf import index_nbytes
 
-    store, build_s = build_kvmem("ivf", data)
+    small = {"train_size": max(2, data.size // 2)} if data.size < 1 << 15 else {}   # defaults train at 32768
+    store, build_s = build_kvmem("ivf", data, **small)
     part = store._parts[0]
     nlist = part.index.nlist
     peer, peer_s = build_faiss_ivf(data, nlist, config.seed)
@@ -239,7 +241,8 @@ def bench_exact(data: Dataset, truth: GroundTruth, config: AnnConfig) -> BenchRe
                                 max(1, config.repeats // 2))
         return BenchResult("exact", {}, build_s, store.nbytes() / data.size, len(queries) / secs["exact"],
                            recall_at_k(out["exact"], truth, data.base, queries, config.k),
-                           {"dataset": data.name, "n": data.size, "k": config.k, "queries": len(queries)})
+                           {"dataset": data.name, "metric": data.metric, "n": data.size, "k": config.k,
+                            "queries": len(queries)})
     finally:
         store.close()
 
@@ -249,9 +252,10 @@ def run(config: AnnConfig, *, verbose: bool = True) -> list[BenchResult]:
     """Every dataset of ``config``; prints tables, writes ``results.json`` and one plot per dataset."""
     results: list[BenchResult] = []
     config.out.mkdir(parents=True, exist_ok=True)
-    for name in config.datasets:
+    for spec in config.datasets:
+        name, _, metric = spec.partition(":")
         data = load_dataset(name, n=config.size, dim=config.dim, queries=config.queries, seed=config.seed,
-                            metric=config.metric)
+                            metric=metric or config.metric)
         truth = dataset_truth(data, config.k, progress=verbose)
         rows = [bench_exact(data, truth, config)]
         for bench in (bench_ivf, bench_hnsw):
@@ -266,17 +270,18 @@ def run(config: AnnConfig, *, verbose: bool = True) -> list[BenchResult]:
         results += rows
         if verbose:
             print(format_table(rows[:1], ["backend", "build_s", "bytes_per_row", "qps", "recall"]), flush=True)
-        _plot(rows, config.out / f"recall_qps_{name}.png", f"{data.name}, k={config.k}", config.k)
+        _plot(rows, config.out / f"recall_qps_{name}_{data.metric}.png", f"{data.name}, {data.metric}, k={config.k}",
+              config.k)
     return results
 
 
 def render(results: Sequence[BenchResult]) -> str:
     """The RESULTS.md section of one :func:`run`: per dataset, the defaults, the sweeps and the targets."""
     out = []
-    for name in dict.fromkeys(r.extra["dataset"] for r in results):
-        rows = [r for r in results if r.extra["dataset"] == name]
+    for name, metric in dict.fromkeys((r.extra["dataset"], r.extra.get("metric", "ip")) for r in results):
+        rows = [r for r in results if (r.extra["dataset"], r.extra.get("metric", "ip")) == (name, metric)]
         e = rows[0].extra
-        out += [f"**{name}**: {e['n']:,} rows, {e['queries']} queries, k = {e['k']}, metric ip; "
+        out += [f"**{name}, metric {metric}**: {e['n']:,} rows, {e['queries']} queries, k = {e['k']}; "
                 "QPS from the median of the timed batches, ratios within the same run.", ""]
         head = ["backend", "knob", "recall", "QPS", "QPS / exact", "build s per 1M rows", "bytes per row"]
         table = []
