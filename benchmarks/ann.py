@@ -21,8 +21,9 @@ searches a true metric), in one process:
 - ``target_recall`` 0.9 / 0.95 / 0.99 calibrated on kvmem's index at the final size
   (what a store created with that target does at its next calibration).
 
-Timings are medians of ``repeats`` calls after a warm-up; a kvmem call and its
-peer's alternate, so both see the same machine. Functions are importable:
+Timings are medians over ``runs`` runs of the median of ``repeats`` calls after a
+warm-up; within a run a kvmem call and its peers' alternate, so all see the same
+machine, and each ratio is the median of the per-run ratios. Functions are importable:
 :func:`run` for everything, ``bench_*`` per backend, ``build_*`` for the
 contenders, :func:`render` for RESULTS.md; :mod:`kvmem.benchmarks.ann_peers`
 gives ``ivf``, ``faiss-ivf``, ``hnsw`` and ``hnswlib`` as ``kvmem bench`` contenders.
@@ -64,7 +65,8 @@ class AnnConfig:
     nprobes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     efs: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
     targets: tuple[float, ...] = (0.9, 0.95, 0.99)
-    repeats: int = 5
+    repeats: int = 5                    # timed calls per run (medians)
+    runs: int = 3                       # runs per setting; figures are medians over runs, ratios per run
     seed: int = 0
     out: Path = Path("bench-ann")
 
@@ -136,6 +138,16 @@ def interleaved(calls: dict[str, Callable[[], Any]], repeats: int,
     return {name: float(np.median(s)) for name, s in seconds.items()}, out
 
 
+def repeated(calls: dict[str, Callable[[], Any]], config: AnnConfig) -> tuple[dict[str, float], dict[str, Any],
+                                                                              list[dict[str, float]]]:
+    """:func:`interleaved` ``config.runs`` times: median seconds over runs, the last results, each run's seconds."""
+    per_run = []
+    for _ in range(config.runs):
+        secs, out = interleaved(calls, config.repeats)
+        per_run.append(secs)
+    return {name: float(np.median([s[name] for s in per_run])) for name in calls}, out, per_run
+
+
 # ---------------------------------------------------------------------------------------------- one backend
 def _sweep(store: kvmem.MemoryStore, data: Dataset, truth: GroundTruth, config: AnnConfig, exact_qps: float,
            raw_same: Callable[[np.ndarray, int, int], np.ndarray], peer: Any, peer_search: Callable,
@@ -154,29 +166,29 @@ def _sweep(store: kvmem.MemoryStore, data: Dataset, truth: GroundTruth, config: 
                            {**common, "qps_vs_exact": qps / exact_qps, **extra})
 
     cal = store.calibration()[0]
-    secs, out = interleaved({"kvmem": lambda: store.search(qt, config.k).ids.numpy()}, config.repeats)
+    secs, out, _ = repeated({"kvmem": lambda: store.search(qt, config.k).ids.numpy()}, config)
     rows = [record(backend, {}, secs["kvmem"], out["kvmem"], {
         "defaults": True, knob: store._value(0, {}), "calibrated_at_rows": cal.rows if cal else None,
         "calibrated_recall": cal.recall if cal else None}, nbytes, build["kvmem"])]
     for value in values:
-        secs, out = interleaved({
+        secs, out, per_run = repeated({
             "kvmem": lambda v=value: store.search(qt, config.k, **{knob: v}).ids.numpy(),
             "same": lambda v=value: raw_same(queries, config.k, v),
-            "peer": lambda v=value: peer_search(peer, queries, config.k, v)}, config.repeats)
-        tax = secs["kvmem"] / secs["same"]
-        rows += [record(backend, {knob: value}, secs["kvmem"], out["kvmem"], {"wrapper_tax": tax},
-                        nbytes, build["kvmem"]),
+            "peer": lambda v=value: peer_search(peer, queries, config.k, v)}, config)
+        taxes = [s["kvmem"] / s["same"] for s in per_run]                     # each run against its own peer
+        rows += [record(backend, {knob: value}, secs["kvmem"], out["kvmem"],
+                        {"wrapper_tax": float(np.median(taxes)), "wrapper_tax_runs": taxes}, nbytes, build["kvmem"]),
                  record(f"{peer_name}/same-index", {knob: value}, secs["same"], out["same"], {}),
                  record(peer_name, {knob: value}, secs["peer"], out["peer"],
-                        {"kvmem_time_ratio": secs["kvmem"] / secs["peer"]},
+                        {"kvmem_time_ratio": float(np.median([s["kvmem"] / s["peer"] for s in per_run]))},
                         build["peer_bytes"] / data.size, build["peer"])]
     from kvmem.backends._calibrate import calibrate
 
     for target in config.targets:
         with store._lock.write():
             got = calibrate(store, 0, target, *store._value_range(0))
-        secs, out = interleaved({"kvmem": lambda v=got.value: store.search(qt, config.k, **{knob: v}).ids.numpy()},
-                                config.repeats)
+        secs, out, _ = repeated({"kvmem": lambda v=got.value: store.search(qt, config.k, **{knob: v}).ids.numpy()},
+                                config)
         rows.append(record(f"{backend}-target", {"target_recall": target}, secs["kvmem"], out["kvmem"],
                            {knob: got.value, "calibrated_recall": got.recall}))
     return rows
@@ -349,9 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=AnnConfig.k)
     parser.add_argument("--datasets", default=",".join(AnnConfig.datasets))
     parser.add_argument("--repeats", type=int, default=AnnConfig.repeats)
+    parser.add_argument("--runs", type=int, default=AnnConfig.runs)
     parser.add_argument("--out", default=str(AnnConfig.out))
     args = parser.parse_args(argv)
-    run(AnnConfig(size=args.size, dim=args.dim, queries=args.queries, k=args.k, repeats=args.repeats,
+    run(AnnConfig(size=args.size, dim=args.dim, queries=args.queries, k=args.k, repeats=args.repeats, runs=args.runs,
                   datasets=tuple(args.datasets.split(",")), out=Path(args.out)))
     return 0
 
