@@ -182,7 +182,7 @@ def _sweep(store: kvmem.MemoryStore, data: Dataset, truth: GroundTruth, config: 
                  record(peer_name, {knob: value}, secs["peer"], out["peer"],
                         {"kvmem_time_ratio": float(np.median([s["kvmem"] / s["peer"] for s in per_run]))},
                         build["peer_bytes"] / data.size, build["peer"])]
-    from kvmem.backends._calibrate import calibrate
+    from kvmem.stores._calibrate import calibrate
 
     for target in config.targets:
         with store._lock.write():
@@ -197,7 +197,7 @@ def _sweep(store: kvmem.MemoryStore, data: Dataset, truth: GroundTruth, config: 
 def bench_ivf(data: Dataset, truth: GroundTruth, config: AnnConfig, exact_qps: float) -> list[BenchResult]:
     import faiss
 
-    from kvmem.backends.ivf import index_nbytes
+    from kvmem.stores.ivf import index_nbytes
 
     small = {"train_size": max(2, data.size // 2)} if data.size < 1 << 15 else {}   # defaults train at 32768
     store, build_s = build_kvmem("ivf", data, **small)
@@ -224,7 +224,7 @@ def bench_ivf(data: Dataset, truth: GroundTruth, config: AnnConfig, exact_qps: f
 
 
 def bench_hnsw(data: Dataset, truth: GroundTruth, config: AnnConfig, exact_qps: float) -> list[BenchResult]:
-    from kvmem.backends.hnsw import graph_nbytes
+    from kvmem.stores.hnsw import graph_nbytes
 
     store, build_s = build_kvmem("hnsw", data)
     part = store._parts[0]

@@ -40,7 +40,7 @@ class _RawIVF:
     """Raw faiss IndexIVFFlat, nlist 4 sqrt(N) (at most N/39); nprobe per call (faiss's default 1 without one)."""
 
     def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
-        from kvmem.backends.ivf import index_nbytes
+        from kvmem.stores.ivf import index_nbytes
 
         nlist = options.get("nlist") or max(1, min(round(4 * math.sqrt(data.size)), data.size // 39))
         self.index, _ = build_faiss_ivf(data, nlist)
@@ -60,7 +60,7 @@ class _RawHNSW:
     """Raw hnswlib, M 16 and ef_construction 200 (both libraries' defaults); ef per call (10 without one)."""
 
     def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
-        from kvmem.backends.hnsw import graph_nbytes
+        from kvmem.stores.hnsw import graph_nbytes
 
         self.index, _ = build_hnswlib(data, options.get("M", 16), options.get("ef_construction", 200))
         self.nbytes = graph_nbytes(self.index)

@@ -13,7 +13,7 @@ from kvmem.benchmarks.datasets import clustered
 from kvmem.benchmarks.recall import ground_truth, recall_at_k
 
 import kvmem
-from kvmem.backends.hnsw import _EfGate
+from kvmem.stores.hnsw import _EfGate
 from kvmem.testing import StoreConformance, check_search, randn, store_machine
 from kvmem.testing.child import load_in_child
 from kvmem.testing.model import BruteForceMemory

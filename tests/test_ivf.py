@@ -14,7 +14,7 @@ from kvmem.benchmarks.datasets import clustered
 from kvmem.benchmarks.recall import ground_truth, recall_at_k
 
 import kvmem
-from kvmem.backends._ivffile import list_ids
+from kvmem.stores._ivffile import list_ids
 from kvmem.testing import StoreConformance, check_search, randn, store_machine
 from kvmem.testing.child import load_in_child
 from kvmem.testing.model import BruteForceMemory
@@ -261,7 +261,7 @@ def test_save_and_load_keep_the_index_and_its_calibration(data, tmp_path):
 
 
 def test_calibration_search_bisects_and_stops_at_a_plateau():
-    from kvmem.backends._calibrate import smallest_value
+    from kvmem.stores._calibrate import smallest_value
 
     calls = []
 

@@ -13,7 +13,7 @@
   ``_search`` and ``_rows``), so the key column is read once per search.
 - ``target_recall``: the per-call knob (``nprobe``, ``ef``) is calibrated per
   partition on a sample of its stored keys against exact search
-  (:mod:`kvmem.backends._calibrate`) after each (re)build of the index and
+  (:mod:`kvmem.stores._calibrate`) after each (re)build of the index and
   whenever the rows added since the last calibration reach a quarter of the
   rows held then (every 1.25x of a growing memory, every quarter turnover of
   a FIFO one): recall at a fixed knob falls as a memory grows (an ef
@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import numpy as np
 import torch
 
-from kvmem.backends._calibrate import Calibration, calibrate
+from kvmem.stores._calibrate import Calibration, calibrate
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError
 from kvmem.tablestore import TableStore

@@ -41,7 +41,7 @@ from kvmem.errors import CorruptStoreError
 from kvmem.topk import NEG_INF, exact_scores
 
 if TYPE_CHECKING:
-    from kvmem.backends._ann import AnnStore
+    from kvmem.stores._ann import AnnStore
 
 __all__ = ["Calibration", "calibrate", "smallest_value", "K", "QUERIES"]
 

@@ -59,8 +59,8 @@ import faiss
 import numpy as np
 import torch
 
-from kvmem.backends._ann import AnnStore, check_int, check_recall, meta_int
-from kvmem.backends._ivffile import check_faiss_file, list_ids
+from kvmem.stores._ann import AnnStore, check_int, check_recall, meta_int
+from kvmem.stores._ivffile import check_faiss_file, list_ids
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError, map_errors
 
