@@ -278,6 +278,11 @@ class MemoryStore(ABC):
         raise InvalidInputError(f"{cls.backend} stores are opened from a save, not in place")
 
     @classmethod
+    def _describe_directory(cls, path: Path) -> dict[str, Any]:
+        """``kvmem info`` of a store kept in place (persistent backends only)."""
+        raise InvalidInputError(f"{cls.backend} stores are described from a save, not in place")
+
+    @classmethod
     def check_options(cls, options: Mapping[str, Any], device: torch.device) -> None:
         """Validate backend option values (names are checked against ``defaults``); raise InvalidInputError."""
         return None

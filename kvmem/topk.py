@@ -30,8 +30,9 @@ cos     q/|q|               k/|k|                cos(q, k)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -43,6 +44,16 @@ _GROUP = 16          # columns per group in the group-max prefilter
 _MARGIN = 16         # extra candidates kept by the ranked path
 _U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16
 _U_F32 = 2.0 ** -24
+_SMALL_Q = 8         # fewer queries than this: a memory-bound matvec, one BLAS thread is enough
+
+
+class _Limits(NamedTuple):
+    score_elems: int     # a score block holds at most this many elements
+    max_rows: int        # keys per block at most (more blocks cost Python overhead; fewer, cache)
+    query_rows: int      # partitions x queries per tile
+
+
+_LIMITS = {"cpu": _Limits(1 << 25, 1 << 17, 4096), "cuda": _Limits(1 << 30, 1 << 20, 65536)}
 
 
 class KeySource(Protocol):
@@ -50,6 +61,7 @@ class KeySource(Protocol):
 
     partitions: int
     device: torch.device
+    dtype: torch.dtype                  # of the keys ``blocks`` yields
 
     def counts(self) -> np.ndarray:
         """Rows held per partition, ``(P,)``; partition p's rows are slots ``[0, counts[p])``."""
@@ -96,10 +108,13 @@ class RunningTopK:
     def push(self, scores: torch.Tensor, first: int) -> None:
         R, b = scores.shape
         m = b // _GROUP
-        if m < self.k or b % _GROUP:
-            cols = torch.arange(first, first + b, device=scores.device).expand(R, b)
-            return self._merge(scores.float(), cols)
-        gmax = scores.view(R, _GROUP, m).amax(1)                                      # (R, m)
+        tail = m * _GROUP if m >= self.k else 0
+        if tail < b:                                                                  # a few ragged columns
+            cols = torch.arange(first + tail, first + b, device=scores.device).expand(R, b - tail)
+            self._merge(scores[:, tail:].float(), cols)
+        if not tail:
+            return
+        gmax = scores[:, :tail].unflatten(1, (_GROUP, m)).amax(1)                     # (R, m)
         if self._sparse and self._push_sparse(scores, gmax, first, m):
             return
         _, group = gmax.topk(self.k, 1, sorted=False)                                 # (R, k)
@@ -166,6 +181,8 @@ def _rank_keys(keys: torch.Tensor, sqnorm: torch.Tensor, metric: str, out: torch
     """The key rows of the table in the module docstring, written into ``out (P, b, d')``."""
     b, d = keys.shape[1], keys.shape[2]
     out = out[:, :b]
+    if keys.dtype == torch.float16 and out.dtype == torch.bfloat16 and out.device.type == "cpu":
+        keys = keys.float()                     # CPUs have no fast float16 -> bfloat16 path; via float32 is 4x faster
     if metric == "cos":
         inv = torch.where(sqnorm > 0, sqnorm.clamp(min=1e-30).rsqrt(), torch.zeros_like(sqnorm))
         out.copy_(keys.float() * inv[..., None])
@@ -176,8 +193,76 @@ def _rank_keys(keys: torch.Tensor, sqnorm: torch.Tensor, metric: str, out: torch
     return out
 
 
-def _block_rows(partitions: int, queries: int, budget: int, longest: int) -> int:
-    rows = max(1024, min(1 << 17, budget // max(1, partitions * queries)))
+class _BlockScorer:
+    """Ranking scores ``(P, q, b)`` of one tile of queries against one block of keys at a time.
+
+    Buffers are allocated once per tile, so the memory of a search is O(block).
+    float32 matmuls on the CPU go through NumPy's BLAS (zero-copy views), which
+    is faster than torch's on the CPUs where the two differ (MKL on AMD).
+    """
+
+    def __init__(self, queries: torch.Tensor, metric: str, work: torch.dtype, rows: int) -> None:
+        self.metric, self.work = metric, work
+        self.qrows = _rank_rows(queries.float(), metric).to(work)                   # (P, q, d')
+        P, q, width = self.qrows.shape
+        device = queries.device
+        self.scores = torch.empty(P * q * rows, dtype=work, device=device)
+        self.keys = torch.empty((P, rows, width), dtype=work, device=device)
+        self.rounded_keys = False               # some key entered the matmul rounded (certificate bound)
+        self._numpy = device.type == "cpu" and work == torch.float32
+
+    def __call__(self, keys: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
+        if self.metric == "ip" and keys.dtype == self.work:
+            krows = keys
+        else:
+            krows = _rank_keys(keys, sqnorm, self.metric, self.keys)
+            self.rounded_keys |= self.work != torch.float32
+        P, q, _ = self.qrows.shape
+        b = keys.shape[1]
+        block = self.scores[:P * q * b].view(P, q, b)
+        if self._numpy:
+            with _blas_threads(1 if q < _SMALL_Q else None):
+                np.matmul(self.qrows.numpy(), krows.numpy().transpose(0, 2, 1), out=block.numpy())
+        elif block.device.type == "cuda":
+            torch.bmm(self.qrows, krows.transpose(1, 2), out=block)
+        elif q == 1:                            # torch dispatches bf16 matvecs to oneDNN only as K @ q
+            for p in range(P):
+                torch.mm(krows[p], self.qrows[p].T, out=block[p].view(b, 1))
+        else:                                   # 2-D mm reaches oneDNN's bf16 kernels; bmm does not on CPU
+            for p in range(P):
+                torch.mm(self.qrows[p], krows[p].T, out=block[p])
+        return block
+
+
+def _blas_threads(limit: int | None) -> contextlib.AbstractContextManager[object]:
+    """Limit NumPy's BLAS to ``limit`` threads in the block (no-op for None or without threadpoolctl).
+
+    A matvec is memory-bound: one thread streams as fast as two, and an idle
+    OpenBLAS worker spinning beside torch's OpenMP threads slows everything after it.
+    """
+    global _CONTROLLER
+    if limit is None:
+        return contextlib.nullcontext()
+    if _CONTROLLER is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            return contextlib.nullcontext()
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=limit, user_api="blas")
+
+
+_CONTROLLER = None
+
+
+def _block_rows(partitions: int, queries: int, width: int, budget: int, longest: int, converts: bool,
+                max_rows: int) -> int:
+    """Keys per block: the score block ``P x q x rows`` within ``budget`` elements, and where keys are
+    converted, the key buffer within a cache-sized eighth of it (converted blocks are read twice)."""
+    rows = budget // max(1, partitions * queries)
+    if converts:
+        rows = min(rows, budget // 8 // max(1, partitions * width))
+    rows = max(1024, min(max_rows, rows))
     rows -= rows % 256
     return max(1, min(rows, longest))
 
@@ -198,39 +283,32 @@ def blocked_search(source: KeySource, queries: torch.Tensor, k: int, metric: str
     counts = source.counts()
     if q == 0 or counts.max(initial=0) == 0:
         return scores, slots
-    budget = block_elems or (1 << 25 if device.type == "cpu" else 1 << 28)
-    tile = query_tile or max(1, (4096 if device.type == "cpu" else 65536) // P)
+    limits = _LIMITS["cpu" if device.type == "cpu" else "cuda"]
+    budget = block_elems or limits.score_elems
+    tile = query_tile or max(1, limits.query_rows // P)
     for t in range(0, q, tile):
         part = slice(t, min(q, t + tile))
-        scores[:, part], slots[:, part] = _search_tile(source, queries[:, part], k, metric, rank_dtype, budget)
+        scores[:, part], slots[:, part] = _search_tile(source, queries[:, part], k, metric, rank_dtype, budget,
+                                                       limits.max_rows)
     return scores, slots
 
 
 def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
-                 rank_dtype: torch.dtype | None, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 rank_dtype: torch.dtype | None, budget: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     P, q, d = queries.shape
     counts = source.counts()
     keep = k + _MARGIN if rank_dtype is not None else k
     work = rank_dtype or torch.float32
-    qrows = _rank_rows(queries.float(), metric).to(work)                             # (P, q, d')
-    rows = _block_rows(P, q, budget, int(counts.max()))
-    kbuf = torch.empty((P, rows, qrows.shape[-1]), dtype=work, device=source.device)
-    sbuf = torch.empty(P * q * rows, dtype=work, device=source.device)
-    exact_keys = metric == "ip"
+    converts = not (metric == "ip" and source.dtype == work)
+    rows = _block_rows(P, q, d + 1, budget, int(counts.max()), converts, max_rows)
+    score = _BlockScorer(queries, metric, work, rows)
     running = RunningTopK(P * q, keep, source.device)
-    short = torch.as_tensor(counts, device=source.device)[:, None, None]              # (P, 1, 1)
+    held = torch.as_tensor(counts, device=source.device)[:, None, None]               # (P, 1, 1)
     for first, keys, sqnorm in source.blocks(rows):
-        b = keys.shape[1]
-        if metric == "ip" and keys.dtype == work:
-            krows = keys
-        else:
-            krows = _rank_keys(keys, sqnorm, metric, kbuf)
-            exact_keys = False
-        block = sbuf[:P * q * b].view(P, q, b)
-        torch.bmm(qrows, krows.transpose(1, 2), out=block)                               # (P, q, b)
+        block = score(keys, sqnorm)                                                    # (P, q, b)
+        b = block.shape[-1]
         if bool((counts < first + b).any()):
-            tail = torch.arange(first, first + b, device=source.device)[None, None, :] >= short
-            block.masked_fill_(tail, NEG_INF)
+            block.masked_fill_(torch.arange(first, first + b, device=source.device) >= held, NEG_INF)
         running.push(block.view(P * q, b), first)
     approx, cand = running.result()                                                    # (P*q, keep)
     cand = cand.view(P, q, keep)
@@ -238,9 +316,10 @@ def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
     best, pick = exact.topk(k, -1)                                                     # (P, q, k)
     best_slots = cand.gather(-1, pick).masked_fill(best == NEG_INF, -1)
     if rank_dtype is not None:
-        failed = ~_certified(queries, qrows, approx.view(P, q, keep), best, source, metric, exact_keys)
+        failed = ~_certified(queries, score.qrows, approx.view(P, q, keep), best, source, metric,
+                             not score.rounded_keys)
         if bool(failed.any()):
-            _redo_directly(source, queries, k, metric, budget, failed, best, best_slots)
+            _redo_directly(source, queries, k, metric, budget, max_rows, failed, best, best_slots)
     return best, best_slots
 
 
@@ -265,13 +344,13 @@ def _certified(queries: torch.Tensor, qrows: torch.Tensor, approx: torch.Tensor,
     return (left_out == NEG_INF) | (worst < kth) | (counts <= approx.shape[-1])
 
 
-def _redo_directly(source: KeySource, queries: torch.Tensor, k: int, metric: str, budget: int,
+def _redo_directly(source: KeySource, queries: torch.Tensor, k: int, metric: str, budget: int, max_rows: int,
                    failed: torch.Tensor, best: torch.Tensor, best_slots: torch.Tensor) -> None:
     """Search the uncertified queries again in float32, in place."""
     for p in failed.any(1).nonzero().flatten().tolist():
         who = failed[p].nonzero().flatten()
         sub = _Partition(source, p)
-        s, i = _search_tile(sub, queries[p:p + 1, who], k, metric, None, budget)
+        s, i = _search_tile(sub, queries[p:p + 1, who], k, metric, None, budget, max_rows)
         best[p, who], best_slots[p, who] = s[0], i[0]
 
 
@@ -280,7 +359,7 @@ class _Partition:
 
     def __init__(self, source: KeySource, partition: int) -> None:
         self._source, self._p = source, partition
-        self.partitions, self.device = 1, source.device
+        self.partitions, self.device, self.dtype = 1, source.device, source.dtype
 
     def counts(self) -> np.ndarray:
         return self._source.counts()[self._p:self._p + 1]

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kvmem.benchmarks import datasets as D
 from kvmem.benchmarks import plot as PL
 from kvmem.benchmarks import recall as R
 from kvmem.benchmarks import report as P
+
 from kvmem.errors import BackendUnavailableError, InvalidInputError
 
 h5py = pytest.importorskip("h5py")

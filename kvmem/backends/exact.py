@@ -8,8 +8,8 @@ float32 and exact for the stored (rounded) keys.
 Options:
     ranking: ``"auto"`` (default) ranks with a certified bfloat16 matmul where it
         is fast (CUDA, AVX512-BF16/AMX CPUs) and a call has at least 8 queries
-        per partition; ``"bf16"`` always does; ``"fp32"`` never does. Results
-        are exact in every mode.
+        per partition or the keys are bfloat16 already (ip); ``"bf16"`` always
+        does; ``"fp32"`` never does. Results are exact in every mode.
     block_elems: score-block budget in elements (default 2**25 on CPU, 2**28 on CUDA).
 
 Thread-safe: searches run concurrently; ``add``/``remove``/``clear`` take the write lock.
@@ -55,10 +55,13 @@ class ExactStore(TableStore):
         return {"sqnorm": keys.float().pow(2).sum(-1)}
 
     def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        ranking = self.options["ranking"]
-        rank = None
-        if ranking == "bf16" or (ranking == "auto" and queries.shape[1] >= 8):
-            rank = fast_rank_dtype(self.device) if ranking == "auto" else torch.bfloat16
+        ranking, rank = self.options["ranking"], None
+        if ranking == "bf16":
+            rank = torch.bfloat16
+        elif ranking == "auto":
+            # Worth it for a matmul (>= 8 queries), or when bf16 keys enter it as they are.
+            bare = self.dtype == torch.bfloat16 and self.metric == "ip"
+            rank = fast_rank_dtype(self.device) if queries.shape[1] >= 8 or bare else None
         return blocked_search(_TableKeys(self), queries, k, self.metric, rank_dtype=rank,
                               block_elems=self.options["block_elems"])
 
@@ -71,6 +74,7 @@ class _TableKeys:
         self._counts = store._book.counts
         self.partitions = store.partitions
         self.device = store.device
+        self.dtype = store.dtype
 
     def counts(self) -> np.ndarray:
         return self._counts

@@ -1,0 +1,157 @@
+"""What ``kvmem bench`` measures: kvmem backends and the raw libraries they wrap.
+
+A :class:`Contender` builds itself on a dataset and answers batched top-k
+queries with ids; everything is built from the same float32 base rows so the
+rows measured side by side in one run are comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+import kvmem
+from kvmem.errors import InvalidInputError
+
+from .datasets import Dataset
+
+__all__ = ["Built", "Contender", "CONTENDERS", "contender", "add_rows"]
+
+ADD_BATCH = 65536
+
+
+class Built(Protocol):
+    """A contender after its build: answers ``search`` and says how many bytes it holds."""
+
+    nbytes: int
+
+    def search(self, queries: np.ndarray, k: int, **params: Any) -> np.ndarray:
+        """Ids ``(q, k)`` of the best rows, ``-1`` padded."""
+
+    def close(self) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    name: str                                  # "exact", "faiss-flat", ...
+    build: Callable[[Dataset, Mapping[str, Any]], Built]
+    kvmem: bool = False                        # a kvmem backend (takes the storage dtype) or a raw library
+    peer: str | None = None                    # the raw library this one is compared with
+    sweep_param: str | None = None             # "nprobe", "ef": the search knob a sweep varies
+    description: str = ""
+
+
+def add_rows(store: kvmem.MemoryStore, base: np.ndarray) -> None:
+    """Add a (possibly memory-mapped) base to a one-partition store in batches."""
+    for start in range(0, len(base), ADD_BATCH):
+        keys = torch.from_numpy(np.ascontiguousarray(base[start:start + ADD_BATCH], dtype=np.float32))
+        store.add(keys, torch.zeros(len(keys), 1))
+
+
+class _Kvmem:
+    def __init__(self, backend: str, data: Dataset, options: Mapping[str, Any]) -> None:
+        opts = dict(options)
+        dtype = opts.pop("dtype", "float32")
+        self.store = kvmem.create(backend, dim=data.dim, value_dim=1, metric=data.metric, dtype=dtype, **opts)
+        add_rows(self.store, data.base)
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes()
+
+    def search(self, queries: np.ndarray, k: int, **params: Any) -> np.ndarray:
+        return self.store.search(torch.from_numpy(queries), k, **params).ids.numpy()
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def _prepared(x: np.ndarray, metric: str) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if metric == "cos":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
+    return x
+
+
+class _FaissFlat:
+    """faiss ``IndexFlatIP`` / ``IndexFlatL2``: the brute-force reference library."""
+
+    def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
+        import faiss
+
+        self.metric = data.metric
+        self.index = faiss.IndexFlatL2(data.dim) if data.metric == "l2" else faiss.IndexFlatIP(data.dim)
+        for start in range(0, len(data.base), ADD_BATCH):
+            self.index.add(_prepared(data.base[start:start + ADD_BATCH], data.metric))
+        self.nbytes = self.index.ntotal * data.dim * 4
+
+    def search(self, queries: np.ndarray, k: int, **params: Any) -> np.ndarray:
+        return self.index.search(_prepared(queries, self.metric), k)[1]
+
+    def close(self) -> None:
+        self.index.reset()
+
+
+class _TorchNaive:
+    """``torch.topk(q @ K.T)``: what a model's code does without a memory library."""
+
+    def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
+        self.metric = data.metric
+        self.keys = torch.from_numpy(_prepared(data.base, data.metric))
+        self.sqnorm = self.keys.pow(2).sum(1)
+        self.nbytes = self.keys.numel() * 4
+
+    def search(self, queries: np.ndarray, k: int, **params: Any) -> np.ndarray:
+        q = torch.from_numpy(_prepared(queries, self.metric))
+        out = []
+        for start in range(0, len(q), 256):        # bound the q x N matrix to 256 rows at a time
+            scores = q[start:start + 256] @ self.keys.T
+            if self.metric == "l2":
+                scores = 2 * scores - self.sqnorm
+            out.append(scores.topk(min(k, len(self.keys)), 1).indices)
+        return torch.cat(out).numpy()
+
+    def close(self) -> None:
+        self.keys = torch.empty(0)
+
+
+def _kvmem(backend: str) -> Callable[[Dataset, Mapping[str, Any]], Built]:
+    return lambda data, options: _Kvmem(backend, data, options)
+
+
+CONTENDERS: dict[str, Contender] = {
+    c.name: c for c in (
+        Contender("exact", _kvmem("exact"), kvmem=True, peer="faiss-flat",
+                  description="kvmem exact (torch, blocked top-k)"),
+        Contender("faiss-flat", _FaissFlat, description="raw faiss IndexFlat"),
+        Contender("torch-naive", _TorchNaive, description="torch.topk(q @ K.T)"),
+    )
+}
+
+
+def contender(name: str) -> Contender:
+    try:
+        return CONTENDERS[name]
+    except KeyError:
+        raise InvalidInputError(f"backend must be one of {sorted(CONTENDERS)}; got {name!r}") from None
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median seconds of ``repeats`` calls (after one warm-up call) and the last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), out
+
+
+def names(spec: str | Sequence[str]) -> list[str]:
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    return [contender(n.strip()).name for n in items if n.strip()]

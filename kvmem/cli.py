@@ -1,0 +1,128 @@
+"""The ``kvmem`` command: ``kvmem info PATH`` and ``kvmem bench``.
+
+The one place in the core that may import ``kvmem.benchmarks``: it stands above everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kvmem.errors import KvmemError
+
+__all__ = ["main", "describe"]
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What ``kvmem info`` prints: backend, dims, partitions, counts and bytes on disk of a store."""
+    from kvmem import persist
+    from kvmem.registry import registry
+
+    path = Path(path)
+    if not (path / persist.MANIFEST).exists():
+        for name, spec in registry.specs.items():
+            if spec.marker and (path / spec.marker).exists():
+                return registry[name]._describe_directory(path)
+    manifest, config = persist.read_manifest(path)
+    return {"path": str(path), "backend": manifest["backend"], **config.to_dict(),
+            "rows": sum(manifest["counts"]), "counts": manifest["counts"], "next_ids": manifest["next_ids"],
+            "format_version": manifest["format_version"], "kvmem_version": manifest.get("kvmem_version"),
+            "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def _info(args: argparse.Namespace) -> int:
+    info = describe(args.path)
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    counts = info["counts"]
+    shown = ", ".join(map(str, counts[:8])) + (", ..." if len(counts) > 8 else "")
+    rows = [("path", info["path"]), ("backend", info["backend"]),
+            ("dim / value_dim", f"{info['dim']} / {info['value_dim']}"),
+            ("metric / dtype", f"{info['metric']} / {info['dtype']}"), ("partitions", info["partitions"]),
+            ("capacity", info["capacity"]), ("rows", f"{info['rows']} (per partition: {shown})"),
+            ("options", json.dumps(info["options"])),
+            ("bytes on disk", f"{_human(info['bytes_on_disk'])} ({info['bytes_on_disk']:,})")]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _sweep(text: str | None) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",")) if text else ()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kvmem.benchmarks import runner
+
+    base = runner.QUICK if args.quick else runner.DEFAULT
+    changes: dict[str, Any] = {name: value for name, value in (
+        ("size", args.size), ("dim", args.dim), ("k", args.k), ("queries", args.queries),
+        ("dataset", args.dataset), ("metric", args.metric), ("dtype", args.dtype), ("repeats", args.repeats),
+        ("seed", args.seed)) if value is not None}
+    if args.backends:
+        changes["backends"] = tuple(runner.C.names(args.backends))
+    if args.out:
+        changes["out"] = Path(args.out)
+    sweeps = {k: v for k, v in (("nprobe", _sweep(args.nprobe)), ("ef", _sweep(args.ef))) if v}
+    if sweeps:
+        changes["sweeps"] = sweeps
+    config = dataclasses.replace(base, **changes)
+    print(f"kvmem bench: {config.dataset}, {config.size:,} rows x {config.dim}, {config.queries} queries, "
+          f"k={config.k}; results in {config.out}/", file=sys.stderr)
+    runner.run(config)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmem", description="External key-value memory for attention layers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="describe a saved or on-disk store")
+    info.add_argument("path")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_info)
+    bench = sub.add_parser("bench", help="measure every backend and the raw libraries on the same data")
+    bench.add_argument("--quick", action="store_true", help="a smaller run (minutes on 2 cores)")
+    bench.add_argument("--size", type=int, help="base rows")
+    bench.add_argument("--dim", type=int)
+    bench.add_argument("--k", type=int)
+    bench.add_argument("--queries", type=int)
+    bench.add_argument("--dataset", help="gaussian, clustered, or a path to .hdf5/.fvecs/.fbin")
+    bench.add_argument("--metric", choices=["ip", "l2", "cos"])
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="kvmem storage dtype")
+    bench.add_argument("--backends", help="comma-separated, e.g. exact,faiss-flat")
+    bench.add_argument("--nprobe", help="comma-separated nprobe sweep for ivf")
+    bench.add_argument("--ef", help="comma-separated ef sweep for hnsw")
+    bench.add_argument("--repeats", type=int, help="timed batches per setting (median reported)")
+    bench.add_argument("--seed", type=int)
+    bench.add_argument("--out", help="output folder for results.json and recall_qps.png")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KvmemError as exc:
+        print(f"kvmem {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The kvmem command: info on a saved store, bench on tiny sizes (real subprocesses)."""
+
+import json
+import subprocess
+import sys
+
+import torch
+
+import kvmem
+
+
+def _kvmem(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvmem.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_describes_a_saved_store(tmp_path):
+    store = kvmem.create("exact", dim=8, value_dim=3, partitions=2, dtype=torch.bfloat16, capacity=100)
+    store.add(torch.randn(2, 10, 8), torch.randn(2, 10, 3))
+    store.save(tmp_path / "s")
+    out = _kvmem("info", str(tmp_path / "s"))
+    assert out.returncode == 0, out.stderr
+    assert "exact" in out.stdout and "8 / 3" in out.stdout and "20 (per partition: 10, 10)" in out.stdout
+    info = json.loads(_kvmem("info", "--json", str(tmp_path / "s")).stdout)
+    assert info["rows"] == 20 and info["dtype"] == "bfloat16" and info["capacity"] == 100
+    assert info["bytes_on_disk"] == sum(p.stat().st_size for p in (tmp_path / "s").iterdir())
+
+
+def test_info_on_something_else_is_a_clear_error(tmp_path):
+    out = _kvmem("info", str(tmp_path))
+    assert out.returncode == 2 and "CorruptStoreError" in out.stderr and "manifest.json" in out.stderr
+
+
+def test_bench_writes_a_table_json_and_plot(tmp_path):
+    out = _kvmem("bench", "--size", "3000", "--queries", "40", "--dim", "16", "--k", "5", "--repeats", "1",
+                 "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    for name in ("exact", "faiss-flat", "torch-naive"):
+        assert name in out.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["backend"]: r for r in results["results"]}
+    assert rows["exact"]["recall"] == 1.0 and rows["faiss-flat"]["recall"] == 1.0
+    assert (tmp_path / "recall_qps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
