@@ -37,7 +37,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-__all__ = ["KeySource", "RunningTopK", "blocked_search", "exact_scores", "fast_rank_dtype"]
+__all__ = ["KeySource", "RunningTopK", "blocked_search", "exact_scores", "fast_rank_dtype", "rank_dtype_for"]
 
 NEG_INF = float("-inf")
 _GROUP = 16          # columns per group in the group-max prefilter
@@ -86,6 +86,21 @@ def fast_rank_dtype(device: torch.device) -> torch.dtype | None:
         amx = getattr(cpu, "_is_amx_tile_supported", None)
         if (probe is not None and probe()) or (amx is not None and amx()):
             return torch.bfloat16
+    return None
+
+
+def rank_dtype_for(ranking: str, queries: int, dtype: torch.dtype, metric: str,
+                   device: torch.device) -> torch.dtype | None:
+    """``rank_dtype`` for :func:`blocked_search` under a store's ``ranking`` option.
+
+    ``"bf16"``: always; ``"fp32"``: never; ``"auto"``: where bfloat16 is fast and
+    it pays, for a matmul (>= 8 queries per partition) or when bfloat16 keys
+    enter it as they are (ip).
+    """
+    if ranking == "bf16":
+        return torch.bfloat16
+    if ranking == "auto" and (queries >= 8 or (dtype == torch.bfloat16 and metric == "ip")):
+        return fast_rank_dtype(device)
     return None
 
 
