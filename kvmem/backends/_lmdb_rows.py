@@ -152,6 +152,7 @@ class BlockKeys:
         self._max_sqnorm = torch.as_tensor(max_sqnorm, dtype=torch.float32, device=device)
         self.partitions = len(counts)
         self.device = device
+        self.dtype = rows.layout.dtype
 
     def counts(self) -> np.ndarray:
         return self._counts

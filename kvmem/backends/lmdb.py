@@ -53,7 +53,7 @@ from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError, map_errors
 from kvmem.idbook import AddPlan, IdBook, RemovePlan
 from kvmem.store import MemoryStore
-from kvmem.topk import blocked_search, fast_rank_dtype
+from kvmem.topk import blocked_search, rank_dtype_for
 
 __all__ = ["LMDBStore"]
 
@@ -301,10 +301,7 @@ class LMDBStore(MemoryStore):
     def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         state = self._local.state
         source = BlockKeys(self._rows_here(), state.counts, state.max_sqnorm, self.device)
-        ranking = self.options["ranking"]
-        rank = None
-        if ranking == "bf16" or (ranking == "auto" and queries.shape[1] >= 8):
-            rank = fast_rank_dtype(self.device) if ranking == "auto" else torch.bfloat16
+        rank = rank_dtype_for(self.options["ranking"], queries.shape[1], self.dtype, self.metric, self.device)
         return blocked_search(source, queries, k, self.metric, rank_dtype=rank,
                               block_elems=self.options["block_elems"])
 
