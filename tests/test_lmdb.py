@@ -321,3 +321,20 @@ def test_a_killed_writer_loses_nothing_it_committed(tmp_path):
     shutil.copytree(tmp_path / "mem", tmp_path / "copy")              # what the disk held at the kill
     with kvmem.load(tmp_path / "copy") as store:
         assert len(store) % 100 == 0 and len(store) >= (acked + 1) * 100
+
+
+def test_kvmem_info_describes_a_store_directory(tmp_path):
+    store, model = _filled(tmp_path / "mem")
+    out = subprocess.run([sys.executable, "-m", "kvmem.cli", "info", "--json", str(tmp_path / "mem")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert (info["backend"], info["dim"], info["dtype"], info["metric"], info["capacity"]) == \
+           ("lmdb", 8, "bfloat16", "l2", 90)
+    assert info["counts"] == [model.count(0), model.count(1)] and info["options"]["block_rows"] == 16
+    assert info["bytes_on_disk"] >= (tmp_path / "mem" / "data.mdb").stat().st_size
+    store.close()
+    (tmp_path / "mem" / "data.mdb").write_bytes(b"\0" * 8192)
+    out = subprocess.run([sys.executable, "-m", "kvmem.cli", "info", str(tmp_path / "mem")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "CorruptStoreError" in out.stderr

@@ -31,8 +31,8 @@ def format_record(config: StoreConfig) -> bytes:
                         "kvmem_version": __version__, "config": config.to_dict()})
 
 
-def read_config(txn: Any, meta_db: Any) -> StoreConfig:
-    """The store's config from its ``format`` record; CorruptStoreError if it is not one kvmem reads."""
+def read_config(txn: Any, meta_db: Any) -> tuple[StoreConfig, dict[str, Any]]:
+    """The store's config and its whole ``format`` record; CorruptStoreError if it is not one kvmem reads."""
     record = unpack_record(txn.get(FORMAT_KEY, db=meta_db), "format")
     if record.get("format") != FORMAT:
         raise CorruptStoreError(f"meta record 'format': format must be {FORMAT!r}; got {record.get('format')!r}")
@@ -55,7 +55,7 @@ def read_config(txn: Any, meta_db: Any) -> StoreConfig:
         LMDBStore.check_options(config.options, None)
     except KvmemError as exc:
         raise CorruptStoreError(f"meta record 'format': {exc}") from None
-    return config
+    return config, record
 
 
 @dataclasses.dataclass(frozen=True)

@@ -192,7 +192,7 @@ class LMDBStore(MemoryStore):
             shared = SharedEnv.acquire(path, max(cls.defaults["map_size"], 2 * size))
             try:
                 with shared.begin() as txn:
-                    config = read_config(txn, shared.meta)
+                    config, _ = read_config(txn, shared.meta)
                     state = State.read(txn, shared.meta, config)
                     layout = BlockLayout(config.dim, config.value_dim, config.dtype, config.options["block_rows"])
                     ids = Rows(txn, shared.blocks, layout).scan(state.counts, verify=True)
@@ -200,6 +200,23 @@ class LMDBStore(MemoryStore):
             except BaseException:
                 shared.release()
                 raise
+
+    @classmethod
+    def _describe_directory(cls, path: Path) -> dict[str, Any]:
+        """``kvmem info``: what the meta records say (the blocks are not read)."""
+        with map_errors(f"describing the lmdb store at {path}", corrupt=True):
+            check_data_file(path)
+            shared = SharedEnv.acquire(path, max(cls.defaults["map_size"], 2 * (path / DATA_FILE).stat().st_size))
+            try:
+                with shared.begin() as txn:
+                    config, record = read_config(txn, shared.meta)
+                    state = State.read(txn, shared.meta, config)
+            finally:
+                shared.release()
+        return {"path": str(path), "backend": cls.backend, **config.to_dict(), "rows": int(state.counts.sum()),
+                "counts": state.counts.tolist(), "next_ids": state.next_ids.tolist(),
+                "format_version": record["format_version"], "kvmem_version": record.get("kvmem_version"),
+                "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
 
     def close(self) -> None:
         """Close the environment (once no other store of this process shares it). Idempotent."""
