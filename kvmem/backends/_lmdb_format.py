@@ -25,6 +25,7 @@ columns can be viewed in place (zero-copy) from the memory map.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import struct
 import warnings
 import zlib
@@ -85,6 +86,7 @@ class BlockLayout:
         """Bytes per row of each column."""
         return {"keys": self.dim * self.itemsize, "sqnorm": 4, "ids": 8, "values": self.value_dim * self.itemsize}
 
+    @functools.lru_cache(maxsize=256)     # noqa: B019 - layouts are few and live as long as their stores
     def spans(self, n: int) -> dict[str, tuple[int, int]]:
         """Column name -> ``(offset, bytes)`` in an ``n``-row block."""
         out, at = {}, _HEADER.size

@@ -29,7 +29,8 @@ def _blocks_for(count: int, rows: int) -> int:
 def row_columns(keys: torch.Tensor, values: torch.Tensor, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Per-row column arrays of rows ``keys (m, dim)``, ``values (m, value_dim)``, ``ids (m,)`` as stored."""
     keys, values = keys.detach().cpu().contiguous(), values.detach().cpu().contiguous()
-    return {"keys": keys.view(torch.uint8).numpy(), "sqnorm": keys.float().pow(2).sum(-1).numpy(),
+    sqnorm = torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).square()    # (m,) |k|^2
+    return {"keys": keys.view(torch.uint8).numpy(), "sqnorm": sqnorm.numpy(),
             "ids": np.ascontiguousarray(ids, np.int64), "values": values.view(torch.uint8).numpy()}
 
 

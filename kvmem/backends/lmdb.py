@@ -272,7 +272,7 @@ class LMDBStore(MemoryStore):
         before = self._state.counts
         after = before + plan.keep - np.array([len(e) for e in plan.evicted])
         columns = [row_columns(keys[p], values[p], ids[p]) for p in range(self.partitions)]
-        top = np.array([float(c["sqnorm"].max(initial=0)) for c in columns])
+        top = np.array([float(c["sqnorm"].max(initial=0)) for c in columns]) * (1 + 2**-20)   # a bound, rounding up
 
         def change(rows: Rows, state: State) -> State:
             for p, cols in enumerate(columns):
