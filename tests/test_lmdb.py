@@ -338,3 +338,118 @@ def test_kvmem_info_describes_a_store_directory(tmp_path):
     out = subprocess.run([sys.executable, "-m", "kvmem.cli", "info", str(tmp_path / "mem")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "CorruptStoreError" in out.stderr
+
+
+class TestLMDBWithHNSW(StoreConformance):
+    backend = "lmdb"
+    needs_path = True
+    exact = False
+    recall_threshold = 0.9
+    options = {"index": "hnsw", "block_rows": 32}
+
+
+class TestLMDBWithIVF(StoreConformance):
+    """nlist=4: partitions train at 156 rows, so most tests search through a trained index."""
+
+    backend = "lmdb"
+    needs_path = True
+    exact = False
+    recall_threshold = 0.9
+    options = {"index": "ivf", "nlist": 4, "nprobe": 4, "block_rows": 32}
+
+
+TestLMDBHNSWMachine = store_machine("lmdb", needs_path=True, exact=False, recall_threshold=0.9,
+                                    options={"index": "hnsw", "block_rows": 16}).TestCase
+
+
+# ---------------------------------------------------------------------------- the index beside the data
+def _indexed(path, kind="hnsw", n=600):
+    store = kvmem.create("lmdb", path=path, dim=8, value_dim=4, partitions=2, index=kind, nlist=4, block_rows=64)
+    model = BruteForceMemory(8, 4, 2, "ip", torch.float16)
+    for seed in range(0, n, 100):
+        keys, values = randn(seed, 2, 100, 8), randn(seed + 1, 2, 100, 4)
+        store.add(keys, values)
+        model.add(keys, values)
+    return store, model
+
+
+def _recall(store, model, k=10):
+    queries = randn(77, 2, 20, 8)
+    hits, wanted = check_search(store.search(queries, k), model, queries, k, exact=False)
+    return hits / wanted
+
+
+def _no_rebuild(monkeypatch):
+    from kvmem.backends._lmdb_index import AnnIndex
+
+    monkeypatch.setattr(AnnIndex, "rebuild", lambda *a: pytest.fail("the index was rebuilt"))
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_the_index_is_kept_beside_the_data_and_loaded_without_a_rebuild(tmp_path, monkeypatch, kind):
+    store, model = _indexed(tmp_path / "mem", kind)
+    store.close()
+    manifest = json.loads((tmp_path / "mem" / "index.json").read_text())
+    assert manifest["kind"] == kind and len(manifest["parts"]) == 2
+    _no_rebuild(monkeypatch)
+    with kvmem.load(tmp_path / "mem") as again:
+        assert again._index.changed == 0 and not again.exact and again.search_params == {again._index.param}
+        assert _recall(again, model) >= 0.95
+
+
+def test_a_stale_index_is_caught_up_from_lmdb(tmp_path, monkeypatch):
+    """The writer dies (here: its directory is copied) after rows and removals it never wrote
+    into the index files: the next open adds and removes just those."""
+    store, model = _indexed(tmp_path / "mem")
+    store.close()
+    store = kvmem.load(tmp_path / "mem")
+    keys, values = randn(5, 2, 50, 8), randn(6, 2, 50, 4)
+    store.add(keys, values)
+    model.add(keys, values)
+    gone = np.array([[3, 620], [-1, 7]])
+    store.remove(gone)
+    model.remove(gone)
+    shutil.copytree(tmp_path / "mem", tmp_path / "crashed")               # the disk as a kill would leave it
+    store.close()
+    _no_rebuild(monkeypatch)
+    with kvmem.load(tmp_path / "crashed") as again:
+        assert again._index.parts[0].live == model.count(0) and again._index.parts[1].live == model.count(1)
+        assert _recall(again, model) >= 0.95
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "truncated", "other-kind", "manifest"])
+def test_a_missing_or_damaged_index_is_rebuilt_from_lmdb(tmp_path, damage):
+    store, model = _indexed(tmp_path / "mem")
+    store.close()
+    directory = tmp_path / "mem"
+    graph = next(directory.glob("index.*.p0.hnsw"))
+    if damage == "missing":
+        for file in directory.glob("index*"):
+            file.unlink()
+    elif damage == "garbage":
+        graph.write_bytes(os.urandom(graph.stat().st_size))
+    elif damage == "truncated":
+        graph.write_bytes(graph.read_bytes()[:1000])
+    elif damage == "other-kind":
+        (directory / "index.json").write_text((directory / "index.json").read_text().replace('"hnsw"', '"ivf"'))
+    else:
+        (directory / "index.json").write_bytes(b"\x00" * 100)
+    (result,) = load_in_child([directory], [[0.3] * 8], k=5)                 # a signal would fail here
+    assert result["ok"] and result["count"] == model.count()
+    with kvmem.load(directory) as again:
+        assert _recall(again, model) >= 0.95
+    assert json.loads((directory / "index.json").read_text())["kind"] == "hnsw"   # rewritten
+
+
+def test_a_second_store_follows_the_index_of_the_first(tmp_path):
+    """Another store of the same directory (as another process would) catches its index up on its next call."""
+    store, model = _indexed(tmp_path / "mem")
+    other = kvmem.load(tmp_path / "mem")
+    keys, values = randn(9, 2, 40, 8) * 3, randn(10, 2, 40, 4)             # long keys: they win every query
+    store.add(keys, values)
+    model.add(keys, values)
+    res = other.search(keys[:, :5].float(), 1)
+    assert (res.ids >= 600).all()                                          # found through the index, caught up
+    assert _recall(other, model) >= 0.95
+    other.close()
+    store.close()

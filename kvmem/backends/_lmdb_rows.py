@@ -68,6 +68,15 @@ class Rows:
                 out[name][pick] = block.array(name).view(np.uint8).reshape(block.rows, -1)[slots[pick] % B]
         return out
 
+    def keys32(self, partition: int, count: int, slots: np.ndarray | None = None) -> np.ndarray:
+        """Keys ``(m, dim)`` float32 at ``slots`` of one partition (all ``count`` rows when None)."""
+        if slots is None:
+            n = _blocks_for(count, self.layout.rows)
+            parts = [self.block(partition, b, self._rows_in(count, b)).tensor("keys").float() for b in range(n)]
+            return torch.cat(parts).numpy() if parts else np.zeros((0, self.layout.dim), np.float32)
+        raw = self.gather(partition, count, slots, ("keys",))["keys"]
+        return torch.from_numpy(raw).view(self.layout.dtype).float().numpy()
+
     def ids(self, partition: int, count: int) -> np.ndarray:
         """The ids of one partition in slot order ``(count,)``."""
         n = _blocks_for(count, self.layout.rows)
@@ -147,11 +156,13 @@ class BlockKeys:
     Valid only inside the transaction of ``rows``.
     """
 
-    def __init__(self, rows: Rows, counts: np.ndarray, max_sqnorm: np.ndarray, device: torch.device) -> None:
+    def __init__(self, rows: Rows, counts: np.ndarray, max_sqnorm: np.ndarray, device: torch.device,
+                 partitions: list[int] | None = None) -> None:
         self._rows = rows
-        self._counts = counts
-        self._max_sqnorm = torch.as_tensor(max_sqnorm, dtype=torch.float32, device=device)
-        self.partitions = len(counts)
+        self._which = list(range(len(counts))) if partitions is None else list(partitions)   # our p -> store's
+        self._counts = counts[self._which]
+        self._max_sqnorm = torch.as_tensor(max_sqnorm[self._which], dtype=torch.float32, device=device)
+        self.partitions = len(self._which)
         self.device = device
         self.dtype = rows.layout.dtype
 
@@ -165,7 +176,7 @@ class BlockKeys:
         stacked = None
         for b in range(top):
             if self.partitions == 1:
-                block = self._rows.block(0, b, self._rows._rows_in(int(self._counts[0]), b))
+                block = self._rows.block(self._which[0], b, self._rows._rows_in(int(self._counts[0]), b))
                 keys, sqnorm = block.tensor("keys")[None], block.tensor("sqnorm")[None]      # (1, n, dim), (1, n)
             else:
                 keys, sqnorm, stacked = self._stack(b, stacked)
@@ -183,7 +194,7 @@ class BlockKeys:
         for p, c in enumerate(self._counts):
             m = self._rows._rows_in(int(c), number)
             if m:
-                block = self._rows.block(p, number, m)
+                block = self._rows.block(self._which[p], number, m)
                 keys[p, :m] = block.tensor("keys")
                 sqnorm[p, :m] = block.tensor("sqnorm")
             keys[p, m:n] = 0
@@ -192,18 +203,20 @@ class BlockKeys:
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
         """Keys at ``slots (P, *shape)`` (``-1``: zeros) -> ``(P, *shape, dim)``."""
-        return gather_columns(self._rows, self._counts, slots, ("keys",))["keys"].to(self.device)
+        return gather_columns(self._rows, self._counts, slots, ("keys",), self._which)["keys"].to(self.device)
 
     def max_sqnorm(self) -> torch.Tensor:
         return self._max_sqnorm
 
 
-def gather_columns(rows: Rows, counts: np.ndarray, slots: torch.Tensor,
-                   names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def gather_columns(rows: Rows, counts: np.ndarray, slots: torch.Tensor, names: tuple[str, ...],
+                   partitions: list[int] | None = None) -> dict[str, torch.Tensor]:
     """Columns ``names`` (of ``ids``, ``keys``, ``values``) at ``slots (P, *shape)``, copied out of the map:
-    ``ids (P, *shape)`` int64 (``-1`` at ``-1`` slots), ``keys``/``values`` ``(P, *shape, width)`` (zeros there)."""
+    ``ids (P, *shape)`` int64 (``-1`` at ``-1`` slots), ``keys``/``values`` ``(P, *shape, width)`` (zeros there).
+    ``partitions``: the store partition of each row of ``slots`` (default: row p is partition p), counts alike."""
     flat = slots.detach().cpu().reshape(slots.shape[0], -1).numpy()
-    parts = [rows.gather(p, int(counts[p]), flat[p], names) for p in range(len(flat))]
+    which = range(len(flat)) if partitions is None else partitions
+    parts = [rows.gather(p, int(counts[i]), flat[i], names) for i, p in enumerate(which)]
     out = {}
     for name in names:
         raw = np.stack([part[name] for part in parts])                               # (P, m, bytes per row)

@@ -37,6 +37,7 @@ import os
 import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ import torch
 
 from kvmem.backends._lmdb_env import SharedEnv
 from kvmem.backends._lmdb_format import COLUMNS, DATA_FILE, BlockLayout, check_data_file
+from kvmem.backends._lmdb_index import AnnIndex, KeysOf
+from kvmem.backends._lmdb_index import search as index_search
 from kvmem.backends._lmdb_rows import BlockKeys, Rows, gather_columns, row_columns
 from kvmem.backends._lmdb_state import FORMAT_KEY, STATE_KEY, State, format_record, read_config
 from kvmem.config import StoreConfig
@@ -76,7 +79,8 @@ class LMDBStore(MemoryStore):
 
     backend = "lmdb"
     defaults = {"index": None, "block_rows": 4096, "ranking": "auto", "block_elems": None,
-                "map_size": 1 << 28, "max_map_size": None}
+                "map_size": 1 << 28, "max_map_size": None,
+                "M": 16, "ef_construction": 200, "ef": None, "nlist": None, "nprobe": None}
 
     def __init__(self, config: StoreConfig, device: torch.device, path: Path, shared: SharedEnv,
                  state: State, ids: list[np.ndarray]) -> None:
@@ -87,12 +91,17 @@ class LMDBStore(MemoryStore):
         self._layout = BlockLayout(config.dim, config.value_dim, config.dtype, config.options["block_rows"])
         self._sync = threading.Lock()
         self._temporary: Path | None = None   # a working copy of a save, removed on close
+        self._index = AnnIndex(config) if config.options["index"] else None
         self._adopt(state, ids)
 
     # ------------------------------------------------------------------ description
     @property
     def exact(self) -> bool:
         return self.options["index"] is None
+
+    @property
+    def search_params(self) -> frozenset[str]:   # type: ignore[override]
+        return frozenset() if self._index is None else frozenset({self._index.param})
 
     @property
     def persistent(self) -> bool:
@@ -111,6 +120,17 @@ class LMDBStore(MemoryStore):
         _int_option(options, "block_elems", 1024, none=True)
         _int_option(options, "map_size", 1 << 20)
         _int_option(options, "max_map_size", options["map_size"], none=True)
+        _int_option(options, "M", 2)
+        _int_option(options, "ef_construction", 1)
+        for name in ("ef", "nlist", "nprobe"):
+            _int_option(options, name, 1, none=True)
+
+    def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
+        params = super()._check_params(params)
+        for name, value in params.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"lmdb search parameter {name} must be a positive int; got {value!r}")
+        return params
 
     # ------------------------------------------------------------------ the book of the calling thread
     @property
@@ -143,8 +163,15 @@ class LMDBStore(MemoryStore):
                 txn = stack.enter_context(self._shared.begin())
                 state = State.read(txn, self._shared.meta, self.config)
                 if state.seq != self._state.seq:
+                    before = self._latest
                     self._adopt(state, Rows(txn, self._shared.blocks, self._layout).scan(state.counts, verify=False))
+                    if self._index is not None:
+                        self._index.follow(Rows(txn, self._shared.blocks, self._layout), before, self._latest)
+                elif self._index is not None and self._index.stale:
+                    self._index.follow(Rows(txn, self._shared.blocks, self._layout), None, self._latest)
                 book, state = self._latest, self._state
+                if self._index is not None and not write:
+                    stack.enter_context(self._index.lock.read())   # no catching up while this call searches
             if write:
                 stack.close()                  # the write hooks open their own transaction
                 txn = None
@@ -153,6 +180,8 @@ class LMDBStore(MemoryStore):
                 yield
             finally:
                 self._local.book = self._local.txn = self._local.state = None
+            if write and self._index is not None and self._index.due(int(self._state.counts.sum())):
+                self._index_save()
 
     # ------------------------------------------------------------------ create / open / close
     @classmethod
@@ -196,7 +225,11 @@ class LMDBStore(MemoryStore):
                     state = State.read(txn, shared.meta, config)
                     layout = BlockLayout(config.dim, config.value_dim, config.dtype, config.options["block_rows"])
                     ids = Rows(txn, shared.blocks, layout).scan(state.counts, verify=True)
-                return cls(config, device, path, shared, state, ids)
+                    store = cls(config, device, path, shared, state, ids)
+                    if store._index is not None:
+                        store._index = AnnIndex.open(path, config, state.seq, Rows(txn, shared.blocks, layout),
+                                                     store._latest)
+                return store
             except BaseException:
                 shared.release()
                 raise
@@ -223,6 +256,8 @@ class LMDBStore(MemoryStore):
         with self._lock.write():
             if self._closed:
                 return
+            if self._index is not None and self._index.changed and self._shared.pid == os.getpid():
+                self._index_save(warn=True)
             super().close()
             self._shared.release()
             if self._temporary is not None and self._shared.pid == os.getpid():
@@ -281,6 +316,10 @@ class LMDBStore(MemoryStore):
                                max_sqnorm=np.maximum(state.max_sqnorm, top))
 
         self._commit("add", change, size_hint=plan.keep * self.partitions * self._layout.nbytes(1))
+        if self._index is not None:
+            kept = [keys[p].float().cpu().numpy() for p in range(self.partitions)]
+            self._index_update([ids[p] for p in range(self.partitions)], plan.evicted, after,
+                               lambda p, ids: (ids, kept[p]))
 
     def _delete(self, plan: RemovePlan) -> None:
         gone = np.array([len(r) for r in plan.removed])
@@ -296,6 +335,8 @@ class LMDBStore(MemoryStore):
             return state.after(counts=before - gone)
 
         self._commit("remove", change)
+        if self._index is not None:
+            self._index_update([np.empty(0, np.int64)] * self.partitions, plan.removed, before - gone)
 
     def _clear(self, partitions: list[int]) -> None:
         before = self._state.counts
@@ -310,6 +351,8 @@ class LMDBStore(MemoryStore):
             return state.after(counts=counts, max_sqnorm=top)
 
         self._commit("clear", change)
+        if self._index is not None:
+            self._index.clear(partitions, int(before[partitions].sum()))
 
     # ------------------------------------------------------------------ reading (inside a session)
     def _rows_here(self) -> Rows:
@@ -317,6 +360,10 @@ class LMDBStore(MemoryStore):
 
     def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         state = self._local.state
+        if self._index is not None and not self._index.stale:
+            value = params.get(self._index.param, self.options[self._index.param])
+            return index_search(self._index, self._rows_here(), self._local.book, state.counts, state.max_sqnorm,
+                                queries, k, value, self.metric)
         source = BlockKeys(self._rows_here(), state.counts, state.max_sqnorm, self.device)
         rank = rank_dtype_for(self.options["ranking"], queries.shape[1], self.dtype, self.metric, self.device)
         return blocked_search(source, queries, k, self.metric, rank_dtype=rank,
@@ -325,6 +372,33 @@ class LMDBStore(MemoryStore):
     def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         found = gather_columns(self._rows_here(), self._local.state.counts, slots, ("ids", "keys", "values"))
         return tuple(found[name].to(self.device) for name in ("ids", "keys", "values"))
+
+    # ------------------------------------------------------------------ the index beside the data
+    def _index_update(self, added: list[np.ndarray], removed: list[np.ndarray], counts: np.ndarray,
+                      keys: KeysOf | None = None) -> None:
+        """Bring the index along with a change LMDB has just committed (its failure cannot undo that)."""
+        def every_row(p: int, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            with self._shared.begin() as txn:                           # after the commit: the new rows
+                rows = Rows(txn, self._shared.blocks, self._layout)
+                return rows.ids(p, int(counts[p])), rows.keys32(p, int(counts[p]))
+
+        try:
+            self._index.update(added, lambda p, ids: every_row(p, ids) if ids is None or keys is None
+                               else keys(p, ids), removed, counts)
+        except KvmemError as exc:
+            self._index.stale = True
+            warnings.warn(f"lmdb index at {self.path} failed to follow a committed change ({exc}); searching "
+                          f"exactly until it is rebuilt", RuntimeWarning, stacklevel=4)
+
+    def _index_save(self, warn: bool = False) -> None:
+        try:
+            self._index.save(self.path, self._state.seq,
+                             [self._latest.ids_in_slots(p) for p in range(self.partitions)])
+        except (OSError, KvmemError) as exc:
+            if not warn:
+                raise
+            warnings.warn(f"lmdb index at {self.path} was not written ({exc}); it is rebuilt from LMDB on open",
+                          RuntimeWarning, stacklevel=3)
 
     # ------------------------------------------------------------------ save() to another place
     def _save_files(self, directory: Path, tag: str) -> dict[str, str]:
