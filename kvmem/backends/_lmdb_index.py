@@ -17,7 +17,7 @@ committed since it was written are added (keys read from LMDB), rows removed
 since are removed. A missing, damaged or foreign index, or one so stale that
 catching up would touch more rows than half of those held, is rebuilt from
 LMDB instead. The files are rewritten on ``close`` and whenever the rows changed
-since the last write reach a quarter of those held (and at least 65536), which
+since the last write reach half of those held (and at least 65536), which
 bounds the catching up a crash can leave behind.
 
 Not thread-safe by itself: the store serialises writes and holds :attr:`lock`
@@ -154,7 +154,7 @@ class AnnIndex:
 
     def due(self, rows: int) -> bool:
         """Whether the files should be rewritten, the store holding ``rows`` rows."""
-        return self.changed >= max(_SAVE_EVERY, rows // 4)
+        return self.changed >= max(_SAVE_EVERY, rows // 2)
 
     def search(self, queries: np.ndarray, k: int, value: int | None) -> list[np.ndarray | None]:
         """Candidate ids ``(q, c)`` per partition of ``queries (P, q, dim)`` float32; None: search it exactly."""
@@ -225,21 +225,29 @@ def keys_from(rows: Rows, book: IdBook) -> KeysOf:
     return keys
 
 
+def _crc(file: Path) -> tuple[int, int]:
+    """Size and CRC-32 of a file, read in 16 MiB chunks."""
+    crc, size = 0, 0
+    with open(file, "rb") as f:
+        while chunk := f.read(16 << 20):
+            crc, size = zlib.crc32(chunk, crc), size + len(chunk)
+    return size, crc
+
+
 def _describe(file: Path) -> dict[str, Any]:
     _fsync(file)
-    data = file.read_bytes()
-    return {"name": file.name, "bytes": len(data), "crc32": zlib.crc32(data)}
+    size, crc = _crc(file)
+    return {"name": file.name, "bytes": size, "crc32": crc}
 
 
 def _checked(directory: Path, entry: Any, read: bool = True) -> bytes:
-    """The bytes of a file ``index.json`` names, after its size and CRC-32 match; ValueError if not."""
+    """A file ``index.json`` names, after its size and CRC-32 match (its bytes with ``read``); ValueError if not."""
     name = entry["name"]
     if not isinstance(name, str) or "/" in name or not name.startswith("index."):
         raise ValueError(f"index.json names a file {name!r}")
-    data = (directory / name).read_bytes()
-    if len(data) != entry["bytes"] or zlib.crc32(data) != entry["crc32"]:
+    if _crc(directory / name) != (entry["bytes"], entry["crc32"]):
         raise ValueError(f"{name} fails its size or CRC-32 check")
-    return data if read else b""
+    return (directory / name).read_bytes() if read else b""
 
 
 def _read_manifest(directory: Path, config: StoreConfig) -> dict[str, Any]:
