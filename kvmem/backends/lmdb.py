@@ -14,15 +14,22 @@ disk raises StoreFullError) wrote nothing. The store describes itself, so
 
 Search is exact by default, with the ``exact`` backend's own code
 (:func:`kvmem.topk.blocked_search`) over key blocks viewed in place in the
-memory map inside one read transaction.
+memory map inside one read transaction. With ``index=`` an approximate index
+per partition is kept in files beside the data, caught up from LMDB on open
+(:mod:`kvmem.backends._lmdb_index`); its candidates are rescored exactly.
 
 Options:
-    index: None (exact search), ``"hnsw"`` or ``"ivf"``: an ANN index kept beside the data.
+    index: None (exact search), ``"hnsw"`` (hnswlib) or ``"ivf"`` (faiss IVF-Flat).
+    M, ef_construction: the hnsw graph's degree and build beam (16, 200).
+    ef: hnsw search beam (default max(64, 2k)); nlist: ivf lists (default about 4 sqrt(N), trained
+        at 32768 rows, or 39 per list when given); nprobe: ivf lists searched (default nlist/16, at least 16).
     block_rows: rows per block, a multiple of 16 (default 4096). Bigger blocks stream a little
         faster; smaller ones rewrite less when only a few rows are added at a time.
     ranking, block_elems: as for the ``exact`` backend.
     map_size: first size of the memory map in bytes; the map doubles whenever it is full.
     max_map_size: a ceiling for that growth (None: none); past it writes raise StoreFullError.
+
+Search parameters: ``ef`` (hnsw) or ``nprobe`` (ivf), per call.
 
 Concurrency: searches run together, writes alone (as every store). Across
 processes: one writer and any number of readers; a call sees every row
