@@ -188,7 +188,7 @@ class LMDBStore(MemoryStore):
             finally:
                 self._local.book = self._local.txn = self._local.state = None
             if write and self._index is not None and self._index.due(int(self._state.counts.sum())):
-                self._index_save()
+                self._index_save(warn=True)         # the change is committed: a failed write only warns
 
     # ------------------------------------------------------------------ create / open / close
     @classmethod
