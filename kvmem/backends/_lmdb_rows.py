@@ -26,6 +26,14 @@ def _blocks_for(count: int, rows: int) -> int:
     return -(-count // rows)
 
 
+def _by_block(numbers: np.ndarray) -> dict[int, np.ndarray]:
+    """Block number -> the positions in ``numbers`` that fall in it (ascending), in O(m log m)."""
+    order = np.argsort(numbers, kind="stable")
+    found, starts = np.unique(numbers[order], return_index=True)
+    ends = np.append(starts[1:], len(order))
+    return {int(b): order[lo:hi] for b, lo, hi in zip(found, starts, ends)}
+
+
 def row_columns(keys: torch.Tensor, values: torch.Tensor, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Per-row column arrays of rows ``keys (m, dim)``, ``values (m, value_dim)``, ``ids (m,)`` as stored."""
     keys, values = keys.detach().cpu().contiguous(), values.detach().cpu().contiguous()
@@ -60,10 +68,9 @@ class Rows:
         widths = self.layout.widths()
         out = {name: np.zeros((len(slots), widths[name]), np.uint8) for name in names}
         held = np.flatnonzero(slots >= 0)
-        numbers = slots[held] // B
-        for number in np.unique(numbers):
-            block = self.block(partition, int(number), self._rows_in(count, int(number)))
-            pick = held[numbers == number]
+        for number, where in _by_block(slots[held] // B).items():
+            block = self.block(partition, number, self._rows_in(count, number))
+            pick = held[where]
             for name in names:
                 out[name][pick] = block.array(name).view(np.uint8).reshape(block.rows, -1)[slots[pick] % B]
         return out
@@ -109,8 +116,8 @@ class Rows:
         """Put rows ``columns[name] (m, ...)`` at ``slots (m,)``; the partition goes from ``old_count``
         to ``new_count`` rows, and blocks past the new count are deleted. Only touched blocks are rewritten."""
         B = self.layout.rows
-        numbers = slots // B
-        touched = set(np.unique(numbers).tolist())
+        picks = _by_block(slots // B)
+        touched = set(picks)
         for b in range(min(old_count, new_count) // B, _blocks_for(max(old_count, new_count), B)):
             if self._rows_in(old_count, b) != self._rows_in(new_count, b):
                 touched.add(b)
@@ -119,7 +126,7 @@ class Rows:
             if n_new == 0:
                 self.txn.delete(block_key(partition, b), db=self.db)
                 continue
-            pick = np.flatnonzero(numbers == b)
+            pick = picks.get(b, np.empty(0, np.int64))
             rows = slots[pick] - b * B
             fresh = n_old == 0 and len(pick) == n_new and pick[-1] - pick[0] == n_new - 1
             if fresh and bool((rows == np.arange(n_new)).all()):
