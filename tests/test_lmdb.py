@@ -36,6 +36,15 @@ class TestLMDBSmallBlocks(StoreConformance):
     options = {"block_rows": 16}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestLMDBCuda(StoreConformance):
+    """Rows on disk, search on the GPU: blocks are copied to the device as they stream."""
+
+    backend = "lmdb"
+    needs_path = True
+    device = "cuda"
+
+
 TestLMDBMachine = store_machine("lmdb", needs_path=True).TestCase
 TestLMDBSmallBlocksMachine = store_machine("lmdb", needs_path=True, options={"block_rows": 16}).TestCase
 

@@ -165,6 +165,7 @@ class LMDBStore(MemoryStore):
         if self._closed:                       # only count() and repr get here: the last book will do
             yield
             return
+        self._shared.check_process()           # before any lock: one held at fork() would never be released
         with contextlib.ExitStack() as stack:
             with self._sync:
                 txn = stack.enter_context(self._shared.begin())
