@@ -158,8 +158,10 @@ def measure_search(base: Path, n: int = 1_000_000, rounds: int = 7, queries: tup
 
 
 # ---------------------------------------------------------------------------- reopen
-def measure_reopen(base: Path, n: int = 1_000_000, rounds: int = 3, index: str = "hnsw") -> dict[str, Any]:
-    """``kvmem.load`` of an ``n``-row store with an index: current on disk, and deleted (rebuilt from LMDB)."""
+def measure_reopen(base: Path, n: int = 1_000_000, rounds: int = 3, index: str = "hnsw",
+                   rebuild_rounds: int = 1) -> dict[str, Any]:
+    """``kvmem.load`` of an ``n``-row store with an index: current on disk, and deleted (rebuilt from LMDB;
+    minutes at a million rows, so once by default)."""
     path = _fresh(base, "reopen")
     start = time.perf_counter()
     build(path, n, index=index).close()
@@ -170,7 +172,7 @@ def measure_reopen(base: Path, n: int = 1_000_000, rounds: int = 3, index: str =
 
     current = _median(reopen, rounds)
     rebuilt = []
-    for _ in range(rounds):
+    for _ in range(rebuild_rounds):
         for file in path.glob("index*"):
             file.unlink()
         rebuilt.append(_median(reopen, 1))
