@@ -462,3 +462,22 @@ def test_a_second_store_follows_the_index_of_the_first(tmp_path):
     assert _recall(other, model) >= 0.95
     other.close()
     store.close()
+
+
+def test_a_reader_adopts_a_map_another_process_grew(tmp_path):
+    """This process maps 1 MB; a writer process commits 20 MB: the next call adopts the larger map."""
+    store = kvmem.create("lmdb", path=tmp_path / "mem", dim=64, map_size=1 << 20, block_rows=256)
+    run_child(f"""
+        import torch, kvmem
+        store = kvmem.load({str(tmp_path / "mem")!r})
+        for seed in range(10):
+            g = torch.Generator().manual_seed(seed)
+            store.add(torch.randn(4000, 64, generator=g), torch.randn(4000, 64, generator=g))
+    """)
+    assert store._shared.map_size() == 1 << 20
+    assert len(store) == 40000
+    assert store._shared.map_size() > 20 << 20
+    keys, _ = store.get(torch.arange(39990, 40000))
+    g = torch.Generator().manual_seed(9)
+    assert torch.equal(keys, torch.randn(4000, 64, generator=g)[-10:].half())
+    store.close()
