@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import kvmem
+from kvmem.backends._lmdb_env import SharedEnv
 from kvmem.backends._lmdb_format import block_key
-from kvmem.backends.lmdb import LMDBStore
 from kvmem.testing import BruteForceMemory, StoreConformance, check_search, randn, snapshot, store_machine
 from kvmem.testing.child import corruptions, load_in_child, run_child
 
@@ -140,7 +140,7 @@ def test_two_stores_on_one_directory_share_it(tmp_path):
 @pytest.mark.parametrize("ahead", [True, False], ids=["grown-ahead", "grown-on-map-full"])
 def test_the_map_grows_by_itself(tmp_path, monkeypatch, ahead):
     if not ahead:                                    # no growth before a write: every growth is a MapFullError retry
-        monkeypatch.setattr(LMDBStore, "_reserve", lambda self, size_hint: None)
+        monkeypatch.setattr(SharedEnv, "reserve", lambda self, size_hint, ceiling: None)
     store = kvmem.create("lmdb", dim=64, path=tmp_path / "mem", map_size=1 << 20, block_rows=64)
     store.add(randn(0, 20000, 64), randn(1, 20000, 64))                 # ~5 MB into a 1 MB map
     for seed in range(2, 40):

@@ -135,6 +135,14 @@ class SharedEnv:
         self.env.reader_check()            # stale readers pin old pages; free them before growing
         self.resize(2 * size if ceiling is None else min(2 * size, ceiling))
 
+    def reserve(self, size_hint: int, ceiling: int | None) -> None:
+        """Grow the map ahead of a write of about ``size_hint`` bytes (saves MapFullError retries of big adds)."""
+        info, page = self.env.info(), self.env.stat()["psize"]
+        need = (info["last_pgno"] + 1) * page + 2 * size_hint + (1 << 20)
+        if need > info["map_size"] and (ceiling is None or info["map_size"] < ceiling):
+            target = max(need, 2 * info["map_size"])
+            self.resize(target if ceiling is None else min(target, ceiling))
+
     def map_size(self) -> int:
         return self.env.info()["map_size"]
 

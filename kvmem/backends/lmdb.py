@@ -279,7 +279,7 @@ class LMDBStore(MemoryStore):
         StoreFullError. Either way nothing is half-written: LMDB commits all or nothing.
         """
         shared, ceiling = self._shared, self.options["max_map_size"]
-        self._reserve(size_hint)
+        shared.reserve(size_hint, ceiling)
         with map_errors(f"lmdb {what}"):
             while True:
                 with shared.begin(write=True) as txn:
@@ -297,15 +297,6 @@ class LMDBStore(MemoryStore):
                         pass
                 shared.grow(ceiling, f"lmdb {what}")
         self._state = new
-
-    def _reserve(self, size_hint: int) -> None:
-        """Grow the map ahead of a write of about ``size_hint`` bytes (saves retries of big adds)."""
-        info, page = self._shared.env.info(), self._shared.env.stat()["psize"]
-        need = (info["last_pgno"] + 1) * page + 2 * size_hint + (1 << 20)
-        ceiling = self.options["max_map_size"]
-        if need > info["map_size"] and (ceiling is None or info["map_size"] < ceiling):
-            target = max(need, 2 * info["map_size"])
-            self._shared.resize(target if ceiling is None else min(target, ceiling))
 
     def _write(self, plan: AddPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         n = plan.ids.shape[1]
