@@ -158,8 +158,11 @@ class Rows:
 class BlockKeys:
     """The stored keys as a :class:`~kvmem.topk.KeySource`, streamed block by block.
 
-    With one partition the blocks are zero-copy views of the memory map; with
-    several, each step stacks the partitions' blocks into one reused buffer.
+    When the search asks for steps of at most two stored blocks of one
+    partition, it gets zero-copy views of the memory map. Otherwise each step
+    copies the stored blocks it covers (of every partition) into one reused
+    buffer: one memcpy per key, against a fixed cost per step in the search
+    (a matmul call, a top-k merge) that small steps would pay many times over.
     Valid only inside the transaction of ``rows``.
     """
 
@@ -178,34 +181,39 @@ class BlockKeys:
 
     def blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         B = self._rows.layout.rows
-        step = min(B, rows)
-        top = _blocks_for(int(self._counts.max(initial=0)), B)
-        stacked = None
-        for b in range(top):
-            if self.partitions == 1:
-                block = self._rows.block(self._which[0], b, self._rows._rows_in(int(self._counts[0]), b))
+        top = int(self._counts.max(initial=0))
+        if self.partitions == 1 and rows < 2 * B:                     # the map's own blocks, in place
+            for b in range(_blocks_for(top, B)):
+                block = self._rows.block(self._which[0], b, self._rows._rows_in(top, b))
                 keys, sqnorm = block.tensor("keys")[None], block.tensor("sqnorm")[None]      # (1, n, dim), (1, n)
-            else:
-                keys, sqnorm, stacked = self._stack(b, stacked)
-            for s in range(0, keys.shape[1], step):
-                yield b * B + s, keys[:, s:s + step].to(self.device), sqnorm[:, s:s + step].to(self.device)
+                for s in range(0, block.rows, rows):
+                    yield b * B + s, keys[:, s:s + rows].to(self.device), sqnorm[:, s:s + rows].to(self.device)
+            return
+        span = max(B, rows // B * B)                                  # whole stored blocks per copy
+        buffers = None
+        for first in range(0, top, span):
+            keys, sqnorm, buffers = self._stack(first, span, buffers)  # (P, n, dim), (P, n)
+            for s in range(0, keys.shape[1], rows):
+                yield first + s, keys[:, s:s + rows].to(self.device), sqnorm[:, s:s + rows].to(self.device)
 
-    def _stack(self, number: int, buffers):
-        """Block ``number`` of every partition in ``(P, n, dim)`` and ``(P, n)`` buffers; absent rows are zero."""
-        layout = self._rows.layout
+    def _stack(self, first: int, span: int, buffers):
+        """Slots ``[first, first + span)`` of every partition in ``(P, n, dim)`` and ``(P, n)`` buffers;
+        rows a partition does not hold are zero."""
+        layout, B = self._rows.layout, self._rows.layout.rows
         if buffers is None:
-            buffers = (torch.empty((self.partitions, layout.rows, layout.dim), dtype=layout.dtype),
-                       torch.empty((self.partitions, layout.rows), dtype=torch.float32))
+            buffers = (torch.empty((self.partitions, span, layout.dim), dtype=layout.dtype),
+                       torch.empty((self.partitions, span), dtype=torch.float32))
         keys, sqnorm = buffers
-        n = max(self._rows._rows_in(int(c), number) for c in self._counts)
+        n = min(span, int(self._counts.max()) - first)
         for p, c in enumerate(self._counts):
-            m = self._rows._rows_in(int(c), number)
-            if m:
-                block = self._rows.block(self._which[p], number, m)
-                keys[p, :m] = block.tensor("keys")
-                sqnorm[p, :m] = block.tensor("sqnorm")
-            keys[p, m:n] = 0
-            sqnorm[p, m:n] = 0
+            held = max(0, min(n, int(c) - first))
+            for at in range(0, held, B):
+                number = (first + at) // B
+                block = self._rows.block(self._which[p], number, self._rows._rows_in(int(c), number))
+                keys[p, at:at + block.rows] = block.tensor("keys")
+                sqnorm[p, at:at + block.rows] = block.tensor("sqnorm")
+            keys[p, held:n] = 0
+            sqnorm[p, held:n] = 0
         return keys[:, :n], sqnorm[:, :n], buffers
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
