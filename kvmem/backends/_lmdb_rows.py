@@ -22,6 +22,9 @@ from kvmem.errors import CorruptStoreError
 __all__ = ["Rows", "BlockKeys", "row_columns", "gather_columns"]
 
 
+_STAGE_ELEMS = 1 << 22     # keys staged per search step at most (16 MB as float32): stays in cache
+
+
 def _blocks_for(count: int, rows: int) -> int:
     return -(-count // rows)
 
@@ -161,8 +164,11 @@ class BlockKeys:
     When the search asks for steps of at most two stored blocks of one
     partition, it gets zero-copy views of the memory map. Otherwise each step
     copies the stored blocks it covers (of every partition) into one reused
-    buffer: one memcpy per key, against a fixed cost per step in the search
-    (a matmul call, a top-k merge) that small steps would pay many times over.
+    buffer: one pass over the keys, against a fixed cost per step in the
+    search (a matmul call, a top-k merge) that small steps would pay many
+    times over. float16 keys are always staged, and converted to float32 in
+    that same pass: CPUs compute in float32, so the search would convert them
+    anyway (float32 and bfloat16 keys are used as stored).
     Valid only inside the transaction of ``rows``.
     """
 
@@ -174,7 +180,7 @@ class BlockKeys:
         self._max_sqnorm = torch.as_tensor(max_sqnorm[self._which], dtype=torch.float32, device=device)
         self.partitions = len(self._which)
         self.device = device
-        self.dtype = rows.layout.dtype
+        self.dtype = torch.float32 if rows.layout.dtype == torch.float16 else rows.layout.dtype   # of yielded keys
 
     def counts(self) -> np.ndarray:
         return self._counts
@@ -182,14 +188,15 @@ class BlockKeys:
     def blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         B = self._rows.layout.rows
         top = int(self._counts.max(initial=0))
-        if self.partitions == 1 and rows < 2 * B:                     # the map's own blocks, in place
+        if self.partitions == 1 and rows < 2 * B and self.dtype == self._rows.layout.dtype:   # the map's blocks
             for b in range(_blocks_for(top, B)):
                 block = self._rows.block(self._which[0], b, self._rows._rows_in(top, b))
                 keys, sqnorm = block.tensor("keys")[None], block.tensor("sqnorm")[None]      # (1, n, dim), (1, n)
                 for s in range(0, block.rows, rows):
                     yield b * B + s, keys[:, s:s + rows].to(self.device), sqnorm[:, s:s + rows].to(self.device)
             return
-        span = max(B, rows // B * B)                                  # whole stored blocks per copy
+        cap = max(B, _STAGE_ELEMS // (self.partitions * self._rows.layout.dim))
+        span = max(B, min(rows, cap) // B * B)                        # whole stored blocks per copy
         buffers = None
         for first in range(0, top, span):
             keys, sqnorm, buffers = self._stack(first, span, buffers)  # (P, n, dim), (P, n)
@@ -201,8 +208,9 @@ class BlockKeys:
         rows a partition does not hold are zero."""
         layout, B = self._rows.layout, self._rows.layout.rows
         if buffers is None:
-            buffers = (torch.empty((self.partitions, span, layout.dim), dtype=layout.dtype),
-                       torch.empty((self.partitions, span), dtype=torch.float32))
+            size = min(span, int(self._counts.max()))
+            buffers = (torch.empty((self.partitions, size, layout.dim), dtype=self.dtype),
+                       torch.empty((self.partitions, size), dtype=torch.float32))
         keys, sqnorm = buffers
         n = min(span, int(self._counts.max()) - first)
         for p, c in enumerate(self._counts):
