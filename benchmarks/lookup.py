@@ -28,9 +28,9 @@ import torch
 
 import kvmem
 
-from .report import LookupResult, print_table, progress, write_json
+from .report import LookupResult, markdown_table, print_table, progress, write_json
 
-__all__ = ["lookup", "run", "SIZES"]
+__all__ = ["lookup", "run", "render", "SIZES"]
 
 SIZES = tuple(1 << s for s in range(14, 25, 2))   # 16k, 64k, 256k, 1M, 4M, 16M
 CHUNK = 1 << 18
@@ -97,6 +97,18 @@ def run(backends: Sequence[str], sizes: Sequence[int], *, out: Path | None = Non
 
         plot_lookup(results, Path(out) / "lookup.png", title="memory lookup: accuracy vs memory size")
     return results
+
+
+def render(results: Sequence[LookupResult]) -> str:
+    """Accuracy (and queries per second) by memory size and backend, as a Markdown table."""
+    backends = list(dict.fromkeys(r.backend for r in results))
+    sizes = sorted({r.size for r in results})
+    cell = {(r.backend, r.size): f"{r.accuracy:.3f} ({r.qps:,.0f} q/s)" for r in results}
+    rows = [[f"{size:,}", *(cell.get((b, size), "–") for b in backends)] for size in sizes]
+    e = results[0].extra if results else {}
+    head = (f"dim {e.get('dim')}, noise {e.get('noise')}, k = {e.get('k')}, {e.get('queries')} queries per size; "
+            "cells: accuracy (queries per second of the read-out).\n\n")
+    return head + markdown_table(["entries", *backends], rows) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-__all__ = ["BenchResult", "LookupResult", "format_table", "print_table", "write_json",
+__all__ = ["markdown_table", "BenchResult", "LookupResult", "format_table", "print_table", "write_json",
            "read_json", "machine_info", "progress"]
 
 T = TypeVar("T")
@@ -109,6 +109,16 @@ def format_table(records: Sequence[Any], columns: Sequence[str] | None = None) -
 
     out = [line(columns), line(["-" * w for w in widths])]
     out += [line(row) for row in rows]
+    return "\n".join(out)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; cells that are not strings are formatted as in :func:`format_table`."""
+    def cell(name: str, value: Any) -> str:
+        return value if isinstance(value, str) else _cell(name, value)
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell(h, v) for h, v in zip(header, row, strict=True)) + " |" for row in rows]
     return "\n".join(out)
 
 

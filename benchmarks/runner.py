@@ -19,9 +19,9 @@ import numpy as np
 from . import contenders as C
 from .datasets import Dataset, load_dataset
 from .recall import dataset_truth, recall_at_k
-from .report import BenchResult, machine_info, print_table, progress, write_json
+from .report import BenchResult, machine_info, markdown_table, print_table, progress, write_json
 
-__all__ = ["BenchConfig", "run", "QUICK", "DEFAULT"]
+__all__ = ["BenchConfig", "run", "render", "QUICK", "DEFAULT"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +84,22 @@ def run(config: BenchConfig, *, verbose: bool = True) -> list[BenchResult]:
 
         plot_recall_qps(results, config.out / "recall_qps.png", title=f"{data.name}, k={config.k}", k=config.k)
     return results
+
+
+def render(results: list[BenchResult]) -> str:
+    """The RESULTS.md table of one ``kvmem bench`` run."""
+    if not results:
+        return "(no results)\n"
+    e = results[0].extra
+    rows = []
+    for r in results:
+        ratio = r.extra.get("time_ratio")
+        vs = f"{ratio:.2f} x {r.extra['vs']}" if ratio is not None else "–"
+        rows.append([r.backend, r.params or "–", r.build_s, r.bytes_per_row, r.qps, r.recall, vs])
+    head = (f"{e['dataset']} data, {e['n']:,} rows x {e['dim']}, {e['queries']} queries, k = {e['k']}, "
+            f"metric {e['metric']}; QPS from the median of the timed batches.\n\n")
+    return head + markdown_table(["backend", "params", "build_s", "bytes_per_row", "qps", "recall",
+                                  "time vs raw peer (same params, same run)"], rows) + "\n"
 
 
 def _with_ratio(result: BenchResult, seconds: dict[tuple[str, str], float]) -> BenchResult:

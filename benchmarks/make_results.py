@@ -1,0 +1,150 @@
+"""Regenerate ``benchmarks/RESULTS.md``: run every benchmark, keep its JSON, render one page.
+
+    python -m kvmem.benchmarks.make_results --out results-run/        # everything (hours on 2 cores)
+    python -m kvmem.benchmarks.make_results --out results-run/ --only exact,lookup
+    python -m kvmem.benchmarks.make_results --out results-run/ --render-only   # page from the JSON kept
+
+Each section is one benchmark module: its measurements go to ``<out>/<section>.json``
+(a section whose JSON exists is not measured again unless ``--force``), and the
+module's ``render`` turns them into Markdown. Every figure is a median of
+several runs, each ratio taken against the peer measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SECTIONS", "machine", "main"]
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    title: str
+    command: str                               # how to reproduce this section alone
+    measure: Callable[[Path], Any]             # writes and returns JSON-able results
+    render: Callable[[Any], str]
+
+
+def _exact(out: Path) -> Any:
+    from . import exact_flat
+
+    return exact_flat.main(["--json", str(out / "exact.json")])
+
+
+def _exact_render(data: Any) -> str:
+    from . import exact_flat
+
+    return exact_flat.render(data)
+
+
+def _bench(out: Path) -> Any:
+    from . import runner
+
+    config = dataclasses.replace(runner.DEFAULT, out=out / "bench", repeats=5)
+    results = runner.run(config, verbose=False)
+    return [dataclasses.asdict(r) for r in results]
+
+
+def _bench_render(data: Any) -> str:
+    from . import runner
+    from .report import BenchResult
+
+    return runner.render([BenchResult(**r) for r in data])
+
+
+def _lookup(out: Path) -> Any:
+    from . import lookup
+
+    sizes = [1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22]
+    results = lookup.run(["exact", "ivf", "hnsw", "lmdb"], sizes, out=out / "lookup", verbose=False)
+    return [dataclasses.asdict(r) for r in results]
+
+
+def _lookup_render(data: Any) -> str:
+    from . import lookup
+    from .report import LookupResult
+
+    return lookup.render([LookupResult(**r) for r in data])
+
+
+SECTIONS: dict[str, Section] = {
+    "exact": Section("`exact` against faiss `IndexFlatIP` and naive torch",
+                     "python -m kvmem.benchmarks.exact_flat", _exact, _exact_render),
+    "bench": Section("`kvmem bench` (defaults)", "kvmem bench --repeats 5", _bench, _bench_render),
+    "lookup": Section("Memory lookup task: accuracy vs memory size",
+                      "python -m kvmem.benchmarks.lookup --sizes 16384,65536,262144,1048576,4194304",
+                      _lookup, _lookup_render),
+}
+
+
+def machine() -> str:
+    """One paragraph describing the machine and the library versions."""
+    import faiss
+    import numpy
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+                "faiss": faiss.__version__}
+    for name in ("hnswlib", "lmdb", "transformers"):
+        try:
+            versions[name] = getattr(__import__(name), "__version__", "?")
+        except ImportError:
+            pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, GPU: {gpu}; "
+            + ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results-run", help="folder for each section's JSON")
+    parser.add_argument("--only", help=f"comma-separated sections of {list(SECTIONS)}")
+    parser.add_argument("--force", action="store_true", help="measure again even where JSON exists")
+    parser.add_argument("--render-only", action="store_true", help="write the page from the JSON already kept")
+    parser.add_argument("--page", default=str(RESULTS), help="where to write the Markdown page")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = args.only.split(",") if args.only else list(SECTIONS)
+    for name in chosen:
+        file = out / f"{name}.json"
+        if args.render_only or (file.exists() and not args.force):
+            continue
+        start = time.time()
+        data = SECTIONS[name].measure(out)
+        file.write_text(json.dumps({"seconds": time.time() - start, "data": data}, indent=1, default=str))
+    parts = ["# kvmem benchmark results", "",
+             "Regenerated by `python -m kvmem.benchmarks.make_results --out results-run/`; a section alone "
+             "by the command under its title. These machines are shared and noisy: every figure is a median "
+             "of several runs, and each ratio compares two contenders measured back to back in the same run.",
+             "", f"Machine: {machine()}.", ""]
+    for name, section in SECTIONS.items():
+        file = out / f"{name}.json"
+        if not file.exists():
+            continue
+        kept = json.loads(file.read_text())
+        parts += [f"## {section.title}", "", f"`{section.command}` ({kept['seconds'] / 60:.0f} min)", "",
+                  section.render(kept["data"]), ""]
+    Path(args.page).write_text("\n".join(parts))
+    print(f"wrote {args.page}")
+
+
+if __name__ == "__main__":
+    main()
