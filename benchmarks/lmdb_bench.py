@@ -200,6 +200,47 @@ def measure_big(base: Path, n: int = 16_000_000, rounds: int = 5, batch: int = 6
     return out
 
 
+# ---------------------------------------------------------------------------- RESULTS.md
+def render(result: dict[str, Any]) -> str:
+    """The RESULTS.md section for one run of :func:`main`."""
+    lines = [f"dim {DIM}, float16 keys and values, one partition, k = {K}, Gaussian rows; "
+             f"torch threads: {result['torch_threads']}; medians, each ratio taken within a round.", ""]
+    if "ingest" in result:
+        i = result["ingest"]
+        lines += ["**Ingest** (one committed transaction per add; raw: py-lmdb `putmulti` of the same "
+                  "encoded blocks, one transaction per batch, alternating batch by batch)", "",
+                  "| rows | rows per add | kvmem lmdb | raw putmulti | ratio |", "|---|---|---|---|---|",
+                  f"| {i['rows']:,} | {i['batch']:,} | {i['kvmem_rows_per_s']:,.0f} rows/s "
+                  f"| {i['raw_putmulti_rows_per_s']:,.0f} rows/s | **{i['ratio']:.2f}** |", ""]
+    if "search" in result:
+        s = result["search"]
+        lines += [f"**Exact search** over {s['rows']:,} rows, warm page cache, against the in-RAM `exact` "
+                  "store holding the same rows", "", "| queries | lmdb | exact (RAM) | lmdb / exact |",
+                  "|---|---|---|---|"]
+        for q in ("q1", "q64"):
+            if q in s:
+                lines.append(f"| {q[1:]} | {s[q]['lmdb_ms']:.1f} ms | {s[q]['exact_ms']:.1f} ms "
+                             f"| **{s[q]['ratio']:.2f}** |")
+        lines.append("")
+    if "reopen" in result:
+        r = result["reopen"]
+        lines += [f"**Reopen** of a {r['rows']:,}-row store with `index=\"{r['index']}\"` (`kvmem.load`, which "
+                  "also checks the CRC-32 of every block)", "", "| index file | reopen |", "|---|---|",
+                  f"| current (loaded, nothing to catch up) | {r['reopen_current_s']:.2f} s |",
+                  f"| deleted (rebuilt from LMDB, then written) | {r['reopen_rebuild_s']:.0f} s |", "",
+                  f"Building that store (adds of 65,536 rows, the graph growing with them): {r['build_s']:.0f} s.", ""]
+    if "big" in result:
+        b = result["big"]
+        lines += [f"**{b['rows']:,} rows in one store** on this machine", "", "| | |", "|---|---|",
+                  f"| ingest (adds of 65,536 rows) | {b['ingest_s']:.0f} s ({b['rows_per_s']:,.0f} rows/s) |",
+                  f"| data.mdb | {b['data_mdb_bytes'] / 2**30:.2f} GiB ({b['data_mdb_bytes'] / b['rows']:.0f} "
+                  "bytes per row) |",
+                  f"| exact search, 1 query | {b['search_q1_ms']:.0f} ms |",
+                  f"| exact search, 64 queries | {b['search_q64_ms']:.0f} ms |",
+                  f"| reopen (`kvmem.load`, every block's CRC-32 checked) | {b['reopen_s']:.1f} s |", ""]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------- command line
 MEASURES = ("ingest", "search", "reopen", "big")
 
@@ -215,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dir", default=None, help="where the stores go (default: a temporary directory)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     base = Path(args.dir or tempfile.mkdtemp(prefix="kvmem-lmdb-bench-"))
@@ -230,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results[name] = runs[name]()
             print(json.dumps({name: results[name]}), flush=True)
     finally:
+        torch.set_num_threads(threads)
         if args.dir is None:
             shutil.rmtree(base, ignore_errors=True)
     if args.json:
