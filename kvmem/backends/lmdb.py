@@ -45,6 +45,7 @@ import shutil
 import tempfile
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -421,6 +422,7 @@ class LMDBStore(MemoryStore):
             shutil.rmtree(work, ignore_errors=True)
             raise
         store._temporary = work
+        weakref.finalize(store, shutil.rmtree, work, True)      # also if the store is never closed
         if store.config != config or store._state.counts.tolist() != manifest["counts"] \
                 or store._state.next_ids.tolist() != manifest["next_ids"]:
             store.close()
