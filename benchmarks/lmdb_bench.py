@@ -81,8 +81,8 @@ def build(path: Path, n: int, batch: int = 65536, **options: Any) -> kvmem.Memor
 # ---------------------------------------------------------------------------- ingest
 def _raw_payload(n: int, batch: int, block_rows: int) -> list[list[tuple[bytes, bytes]]]:
     """Per transaction, the (key, value) records holding the same bytes the store writes: its encoded blocks."""
-    from kvmem.backends._lmdb_format import BlockLayout, block_key
-    from kvmem.backends._lmdb_rows import row_columns
+    from kvmem.stores._lmdb_format import BlockLayout, block_key
+    from kvmem.stores._lmdb_rows import row_columns
 
     layout = BlockLayout(DIM, DIM, torch.float16, block_rows)
     out, number = [], 0

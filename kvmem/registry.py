@@ -45,10 +45,10 @@ class BackendInfo(NamedTuple):
 
 
 _BUILTIN = (
-    BackendSpec("exact", "kvmem.backends.exact:ExactStore"),
-    BackendSpec("ivf", "kvmem.backends.ivf:IVFStore", ("faiss",), "ivf"),
-    BackendSpec("hnsw", "kvmem.backends.hnsw:HNSWStore", ("hnswlib",), "hnsw"),
-    BackendSpec("lmdb", "kvmem.backends.lmdb:LMDBStore", ("lmdb", "msgpack"), "lmdb", marker="data.mdb"),
+    BackendSpec("exact", "kvmem.stores.exact:ExactStore"),
+    BackendSpec("ivf", "kvmem.stores.ivf:IVFStore", ("faiss",), "ivf"),
+    BackendSpec("hnsw", "kvmem.stores.hnsw:HNSWStore", ("hnswlib",), "hnsw"),
+    BackendSpec("lmdb", "kvmem.stores.lmdb:LMDBStore", ("lmdb", "msgpack"), "lmdb", marker="data.mdb"),
 )
 
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import kvmem
-from kvmem.backends._lmdb_env import SharedEnv
-from kvmem.backends._lmdb_format import block_key
+from kvmem.stores._lmdb_env import SharedEnv
+from kvmem.stores._lmdb_format import block_key
 from kvmem.testing import BruteForceMemory, StoreConformance, check_search, randn, snapshot, store_machine
 from kvmem.testing.child import corruptions, load_in_child, run_child
 
@@ -389,7 +389,7 @@ def _recall(store, model, k=10):
 
 
 def _no_rebuild(monkeypatch):
-    from kvmem.backends._lmdb_index import AnnIndex
+    from kvmem.stores._lmdb_index import AnnIndex
 
     monkeypatch.setattr(AnnIndex, "rebuild", lambda *a: pytest.fail("the index was rebuilt"))
 

@@ -54,7 +54,7 @@ def _write_batches(path: str, conn) -> None:
     """The child: open the store and add batches from where it stands, acknowledging each one.
 
     Its index files (if any) are rewritten after every batch, so kills land in those writes too."""
-    from kvmem.backends._lmdb_index import AnnIndex
+    from kvmem.stores._lmdb_index import AnnIndex
 
     AnnIndex.due = lambda self, rows: self.changed > 0
     store = kvmem.load(path)
@@ -94,7 +94,7 @@ def test_killed_writers_lose_no_acknowledged_batch(tmp_path, options):
     kvmem.create("lmdb", path=path, dim=DIM, value_dim=VALUE_DIM, partitions=P, capacity=CAPACITY,
                  block_rows=64, **options).close()
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "kvmem", "kvmem.backends.lmdb", __name__])
+    ctx.set_forkserver_preload(["torch", "kvmem", "kvmem.stores.lmdb", __name__])
     rng = random.Random(0)
     acked = -1
     for _ in range(KILLS):

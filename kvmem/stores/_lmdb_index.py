@@ -41,12 +41,12 @@ import numpy as np
 import torch
 
 from kvmem._lock import RWLock
-from kvmem.backends._lmdb_ann import PARTS
-from kvmem.backends._lmdb_rows import BlockKeys, Rows, gather_columns
 from kvmem.config import StoreConfig
 from kvmem.errors import KvmemError
 from kvmem.idbook import IdBook
 from kvmem.persist import fsync_dir
+from kvmem.stores._lmdb_ann import PARTS
+from kvmem.stores._lmdb_rows import BlockKeys, Rows, gather_columns
 from kvmem.topk import NEG_INF, blocked_search, exact_scores
 
 __all__ = ["AnnIndex", "KeysOf", "search"]

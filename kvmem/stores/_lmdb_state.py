@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from kvmem.backends._lmdb_format import FORMAT, FORMAT_VERSION, pack_record, unpack_record
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, KvmemError
+from kvmem.stores._lmdb_format import FORMAT, FORMAT_VERSION, pack_record, unpack_record
 
 __all__ = ["State", "format_record", "read_config"]
 
@@ -46,7 +46,7 @@ def read_config(txn: Any, meta_db: Any) -> tuple[StoreConfig, dict[str, Any]]:
         config = StoreConfig.from_dict(record.get("config"))
     except (KvmemError, TypeError) as exc:
         raise CorruptStoreError(f"meta record 'format': config: {exc}") from None
-    from kvmem.backends.lmdb import LMDBStore
+    from kvmem.stores.lmdb import LMDBStore
 
     if set(config.options) != set(LMDBStore.defaults):
         raise CorruptStoreError(f"meta record 'format': options must be {sorted(LMDBStore.defaults)}; "

@@ -6,7 +6,7 @@
 
 Rows live in blocks of ``block_rows`` rows per partition inside one LMDB
 environment, with a ``state`` record (counts, next ids) rewritten in the same
-transaction (format: :mod:`kvmem.backends._lmdb_format`). Every ``add``,
+transaction (format: :mod:`kvmem.stores._lmdb_format`). Every ``add``,
 ``remove``, ``clear`` and eviction is one transaction, committed before the
 call returns: its rows survive a ``kill -9``, and a call that fails (a full
 disk raises StoreFullError) wrote nothing. The store describes itself, so
@@ -16,7 +16,7 @@ Search is exact by default, with the ``exact`` backend's own code
 (:func:`kvmem.topk.blocked_search`) over key blocks viewed in place in the
 memory map inside one read transaction. With ``index=`` an approximate index
 per partition is kept in files beside the data, caught up from LMDB on open
-(:mod:`kvmem.backends._lmdb_index`); its candidates are rescored exactly.
+(:mod:`kvmem.stores._lmdb_index`); its candidates are rescored exactly.
 
 Options:
     index: None (exact search), ``"hnsw"`` (hnswlib) or ``"ivf"`` (faiss IVF-Flat).
@@ -54,16 +54,16 @@ import lmdb
 import numpy as np
 import torch
 
-from kvmem.backends._lmdb_env import SharedEnv
-from kvmem.backends._lmdb_format import COLUMNS, DATA_FILE, BlockLayout, check_data_file
-from kvmem.backends._lmdb_index import AnnIndex, KeysOf
-from kvmem.backends._lmdb_index import search as index_search
-from kvmem.backends._lmdb_rows import BlockKeys, Rows, gather_columns, row_columns
-from kvmem.backends._lmdb_state import FORMAT_KEY, STATE_KEY, State, format_record, read_config
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError, map_errors
 from kvmem.idbook import AddPlan, IdBook, RemovePlan
 from kvmem.store import MemoryStore
+from kvmem.stores._lmdb_env import SharedEnv
+from kvmem.stores._lmdb_format import COLUMNS, DATA_FILE, BlockLayout, check_data_file
+from kvmem.stores._lmdb_index import AnnIndex, KeysOf
+from kvmem.stores._lmdb_index import search as index_search
+from kvmem.stores._lmdb_rows import BlockKeys, Rows, gather_columns, row_columns
+from kvmem.stores._lmdb_state import FORMAT_KEY, STATE_KEY, State, format_record, read_config
 from kvmem.topk import blocked_search, rank_dtype_for
 
 __all__ = ["LMDBStore"]

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from kvmem.backends._lmdb_format import COLUMNS, Block, BlockLayout, block_key
 from kvmem.errors import CorruptStoreError
+from kvmem.stores._lmdb_format import COLUMNS, Block, BlockLayout, block_key
 
 __all__ = ["Rows", "BlockKeys", "row_columns", "gather_columns"]
 
