@@ -119,6 +119,7 @@ class RunningTopK:
         self.columns = torch.full((rows, k), -1, dtype=torch.long, device=device)    # (R, k)
         self.threshold = self.values[:, 0].clone()                                    # (R,) k-th best so far
         self._sparse = device.type == "cpu"
+        self._pushed = False            # before the first block every group passes: go dense at once
 
     def push(self, scores: torch.Tensor, first: int) -> None:
         R, b = scores.shape
@@ -130,7 +131,7 @@ class RunningTopK:
         if not tail:
             return
         gmax = scores[:, :tail].unflatten(1, (_GROUP, m)).amax(1)                     # (R, m)
-        if self._sparse and self._push_sparse(scores, gmax, first, m):
+        if self._sparse and self._pushed and self._push_sparse(scores, gmax, first, m):
             return
         _, group = gmax.topk(self.k, 1, sorted=False)                                 # (R, k)
         cols = (torch.arange(_GROUP, device=scores.device)[None, :, None] * m + group[:, None, :]).reshape(R, -1)
@@ -162,6 +163,7 @@ class RunningTopK:
         self.values, pick = values.topk(self.k, 1, sorted=False)
         self.columns = columns.gather(1, pick)
         self.threshold = self.values.amin(1)
+        self._pushed = True
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, columns)`` sorted best first; ``-1`` where fewer than k were seen."""
