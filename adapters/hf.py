@@ -44,8 +44,6 @@ from typing import Any
 import torch
 
 import kvmem
-from kvmem.api import backends  # kvmem.backends() itself: the attribute is shadowed once the
-# kvmem.backends subpackage is imported (reported to the lead)
 from kvmem.errors import BackendUnavailableError, CorruptStoreError, InvalidInputError, KvmemError
 
 from . import _hf_layer as hfl
@@ -324,7 +322,7 @@ def _require_transformers() -> None:
 
 
 def _check_backend(backend: Any) -> None:
-    known = backends()
+    known = kvmem.backends()
     if not isinstance(backend, str) or backend not in known:
         raise InvalidInputError(f"backend: expected one of {sorted(known)}, got {backend!r}")
     if not known[backend].available:

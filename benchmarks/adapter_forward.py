@@ -23,10 +23,10 @@ import tempfile
 import time
 
 import torch
+from kvmem.benchmarks.report import machine_info
 
 import kvmem
-from kvmem.api import backends  # = kvmem.backends(), shadowed by the kvmem.backends subpackage
-from kvmem.benchmarks.report import machine_info
+
 
 def settings(backend: str, args) -> tuple[dict, dict]:
     """(store_options, search_options) for ``backend``, using only the names it declares."""
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
           "| feed s (read + write) | × no memory |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| (no memory) | 0 | - | {base:.4f} | 1.00 | - | - |")
-    available = backends()
+    available = kvmem.backends()
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         info = available.get(backend)
         if info is None or not info.available:

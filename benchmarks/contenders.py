@@ -8,6 +8,8 @@ rows measured side by side in one run are comparable.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -57,6 +59,11 @@ class _Kvmem:
     def __init__(self, backend: str, data: Dataset, options: Mapping[str, Any]) -> None:
         opts = dict(options)
         dtype = opts.pop("dtype", "float32")
+        self.directory = None
+        if backend in C_ON_DISK:                                # a store kept on disk: a scratch directory
+            self.directory = tempfile.mkdtemp(prefix=f"kvmem-bench-{backend}-")
+            opts = {**C_ON_DISK[backend], **opts, "path": f"{self.directory}/store"}
+            backend = "lmdb"
         self.store = kvmem.create(backend, dim=data.dim, value_dim=1, metric=data.metric, dtype=dtype, **opts)
         add_rows(self.store, data.base)
 
@@ -69,6 +76,11 @@ class _Kvmem:
 
     def close(self) -> None:
         self.store.close()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+C_ON_DISK: dict[str, dict[str, Any]] = {"lmdb": {}, "lmdb-hnsw": {"index": "hnsw"}}   # contender -> lmdb options
 
 
 def _prepared(x: np.ndarray, metric: str) -> np.ndarray:
@@ -129,6 +141,10 @@ CONTENDERS: dict[str, Contender] = {
         Contender("exact", _kvmem("exact"), kvmem=True, peer="faiss-flat",
                   description="kvmem exact (torch, blocked top-k)"),
         Contender("faiss-flat", _FaissFlat, description="raw faiss IndexFlat"),
+        Contender("lmdb", _kvmem("lmdb"), kvmem=True, peer="exact",
+                  description="kvmem lmdb: exact, streamed from the memory map (vs the in-RAM exact store)"),
+        Contender("lmdb-hnsw", _kvmem("lmdb-hnsw"), kvmem=True, sweep_param="ef",
+                  description="kvmem lmdb with an hnswlib index beside the data"),
         Contender("torch-naive", _TorchNaive, description="torch.topk(q @ K.T)"),
     )
 }

@@ -91,6 +91,18 @@ def _ann_render(data: Any) -> str:
     return ann.render([BenchResult(**r) for r in data])
 
 
+def _lmdb(out: Path) -> Any:
+    from . import lmdb_bench
+
+    return lmdb_bench.main(["--threads", "1", "--json", str(out / "lmdb-raw.json")])
+
+
+def _lmdb_render(data: Any) -> str:
+    from . import lmdb_bench
+
+    return lmdb_bench.render(data)
+
+
 SECTIONS: dict[str, Section] = {
     "exact": Section("`exact` against faiss `IndexFlatIP` and naive torch",
                      "python -m kvmem.benchmarks.exact_flat", _exact, _exact_render),
@@ -99,7 +111,10 @@ SECTIONS: dict[str, Section] = {
                       "python -m kvmem.benchmarks.lookup --sizes 16384,65536,262144,1048576,4194304",
                       _lookup, _lookup_render),
     "ann": Section("Approximate backends `ivf` and `hnsw` against faiss and hnswlib (issue 3)",
-                   "flock /tmp/kvmem-heavy.lock python -m kvmem.benchmarks.ann --size 1000000", _ann, _ann_render),
+                   "python -m kvmem.benchmarks.ann --size 1000000", _ann, _ann_render),
+    "lmdb": Section("`lmdb`: ingest, exact streaming search, reopen, 16M rows",
+                    "python -m kvmem.benchmarks.lmdb_bench --threads 1",
+                    _lmdb, _lmdb_render),
 }
 
 

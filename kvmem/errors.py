@@ -77,6 +77,8 @@ def map_errors(what: str, *, corrupt: bool = False) -> Iterator[None]:
         name = type(exc).__name__
         if name == "MapFullError":
             raise StoreFullError(f"{what}: LMDB map full ({exc})") from exc
+        if name == "DiskError" or getattr(exc, "code", None) in _DISK_FULL:  # lmdb's ENOSPC, EFBIG, EDQUOT
+            raise StoreFullError(f"{what}: disk full ({exc})") from exc
         if corrupt or name in {"CorruptedError", "PageNotFoundError", "InvalidError",
                                "VersionMismatchError", "BadValsizeError"}:
             raise CorruptStoreError(f"{what}: {name}: {exc}") from exc

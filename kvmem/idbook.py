@@ -227,13 +227,16 @@ class IdBook:
             raise ValueError(f"expected {self.partitions} partitions of ids")
         for p in range(self.partitions):
             ids, nxt = np.asarray(ids_in_slots[p], np.int64), int(next_ids[p])
-            if len(ids) and (ids.min() < 0 or ids.max() >= nxt or len(np.unique(ids)) != len(ids)):
+            if len(ids) and (ids.min() < 0 or ids.max() >= nxt):
                 raise ValueError(f"partition {p}: ids must be unique and in [0, next id {nxt})")
             if self.capacity is not None and len(ids) > self.capacity:
                 raise ValueError(f"partition {p}: {len(ids)} rows exceed capacity {self.capacity}")
             part = _Partition(next_id=nxt, count=len(ids), id_at=ids.copy())
             part.base = int(ids.min()) if len(ids) else nxt
             table = np.full(nxt - part.base, -1, np.int64)
-            table[ids - part.base] = np.arange(len(ids))
+            slots = np.arange(len(ids))
+            table[ids - part.base] = slots
+            if not np.array_equal(table[ids - part.base], slots):   # a repeated id kept only its last slot
+                raise ValueError(f"partition {p}: ids must be unique and in [0, next id {nxt})")
             part.slot_of.append(table)
             self._parts[p] = part

@@ -3,9 +3,13 @@
 The public methods live here, written once: they validate every argument
 before anything changes, take the store's lock, plan id bookkeeping with
 :class:`~kvmem.idbook.IdBook`, and call a handful of backend hooks
-(``_write``, ``_delete``, ``_clear``, ``_search``, ``_get``, ``_save_files``,
+(``_write``, ``_delete``, ``_clear``, ``_search``, ``_rows``, ``_save_files``,
 ``_open_saved``). A backend declares what differs as class attributes and
 properties (``backend``, ``exact``, ``search_params``, ``defaults``).
+
+Every call's work on the book and the hooks runs inside ``_session(write)``,
+where a backend shared between processes (``lmdb``) catches up with what
+other processes committed; the in-RAM backends do nothing there.
 
 Concurrency: searches and gets run concurrently with each other; ``add``,
 ``remove`` and ``clear`` take the write lock and run alone.
@@ -13,6 +17,7 @@ Concurrency: searches and gets run concurrently with each other; ``add``,
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -118,7 +123,7 @@ class MemoryStore(ABC):
         values, _ = inputs.vectors(values, "values", self.partitions, self.value_dim, "value_dim",
                                    n=keys.shape[1])
         keys, values = self._stored(keys, "keys"), self._stored(values, "values")
-        with self._lock.write():
+        with self._lock.write(), self._session(write=True):
             plan = self._book.plan_add(keys.shape[1])
             kept = slice(keys.shape[1] - plan.keep, keys.shape[1])
             self._write(plan, keys[:, kept], values[:, kept])
@@ -138,7 +143,7 @@ class MemoryStore(ABC):
         k = inputs.check_k(k)
         params = self._check_params(params)
         queries = queries.to(device=self.device, dtype=torch.float32)
-        with self._lock.read():
+        with self._lock.read(), self._session(write=False):
             scores, slots = self._search(queries, k, params)
             ids, keys, values = self._rows(slots)
         result = SearchResult(*(t.to(where) for t in (scores, ids, keys, values)))
@@ -148,7 +153,7 @@ class MemoryStore(ABC):
         """Keys ``(P, m, dim)`` and values ``(P, m, value_dim)`` of live ids ``(P, m)``; ``-1`` gives zeros."""
         self._check_open()
         ids, squeezed = inputs.ids_array(ids, "ids", self.partitions)
-        with self._lock.read():
+        with self._lock.read(), self._session(write=False):
             slots = torch.from_numpy(self._book.slots_of(ids)).to(self.device)
             _, keys, values = self._rows(slots)
         return (keys[0], values[0]) if squeezed else (keys, values)
@@ -157,7 +162,7 @@ class MemoryStore(ABC):
         """Delete live ids ``(P, m)``; ``-1`` entries are padding. Unknown ids raise and remove nothing."""
         self._check_open()
         ids, _ = inputs.ids_array(ids, "ids", self.partitions)
-        with self._lock.write():
+        with self._lock.write(), self._session(write=True):
             plan = self._book.plan_remove(ids)
             self._delete(plan)
             self._book.commit_remove(plan)
@@ -166,17 +171,16 @@ class MemoryStore(ABC):
         """Delete every row of the given partitions (all when None); ids keep counting."""
         self._check_open()
         parts = inputs.partition_list(partitions, self.partitions)
-        with self._lock.write():
+        with self._lock.write(), self._session(write=True):
             self._clear(parts)
             self._book.clear(parts)
 
     def count(self, partition: int | None = None) -> int:
         """Rows held in one partition, or in all of them."""
-        counts = self._book.counts
-        if partition is None:
-            return int(counts.sum())
-        (p,) = inputs.partition_list(partition, self.partitions)
-        return int(counts[p])
+        parts = None if partition is None else inputs.partition_list(partition, self.partitions)
+        with self._lock.read(), self._session(write=False):
+            counts = self._book.counts
+        return int(counts.sum() if parts is None else counts[parts[0]])
 
     def __len__(self) -> int:
         return self.count()
@@ -186,7 +190,7 @@ class MemoryStore(ABC):
         from kvmem import persist
 
         self._check_open()
-        with self._lock.read():
+        with self._lock.read(), self._session(write=False):
             persist.save(self, Path(path))
 
     def close(self) -> None:
@@ -223,6 +227,15 @@ class MemoryStore(ABC):
         return torch.from_numpy(np.ascontiguousarray(plan.ids[:, plan.ids.shape[1] - plan.keep:]))
 
     # ------------------------------------------------------------------ backend hooks
+    def _session(self, write: bool) -> contextlib.AbstractContextManager[None]:
+        """Entered under the store's lock around each call's use of ``self._book`` and the hooks.
+
+        ``write`` is True for ``add``/``remove``/``clear`` (write lock held). A
+        backend whose rows can change in another process brings the book up to
+        date here and holds the snapshot its hooks read; the default does nothing.
+        """
+        return contextlib.nullcontext()
+
     @abstractmethod
     def _write(self, plan: AddPlan, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store the kept rows ``keys (P, keep, dim)`` at ``plan.slots`` and drop ``plan.evicted``."""

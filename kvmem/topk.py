@@ -37,7 +37,7 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-__all__ = ["KeySource", "RunningTopK", "blocked_search", "exact_scores", "fast_rank_dtype"]
+__all__ = ["KeySource", "RunningTopK", "blocked_search", "exact_scores", "fast_rank_dtype", "rank_dtype_for"]
 
 NEG_INF = float("-inf")
 _GROUP = 16          # columns per group in the group-max prefilter
@@ -89,6 +89,21 @@ def fast_rank_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def rank_dtype_for(ranking: str, queries: int, dtype: torch.dtype, metric: str,
+                   device: torch.device) -> torch.dtype | None:
+    """``rank_dtype`` for :func:`blocked_search` under a store's ``ranking`` option.
+
+    ``"bf16"``: always; ``"fp32"``: never; ``"auto"``: where bfloat16 is fast and
+    it pays, for a matmul (>= 8 queries per partition) or when bfloat16 keys
+    enter it as they are (ip).
+    """
+    if ranking == "bf16":
+        return torch.bfloat16
+    if ranking == "auto" and (queries >= 8 or (dtype == torch.bfloat16 and metric == "ip")):
+        return fast_rank_dtype(device)
+    return None
+
+
 class RunningTopK:
     """The ``k`` best ``(score, column)`` pairs per row over streamed blocks.
 
@@ -104,6 +119,7 @@ class RunningTopK:
         self.columns = torch.full((rows, k), -1, dtype=torch.long, device=device)    # (R, k)
         self.threshold = self.values[:, 0].clone()                                    # (R,) k-th best so far
         self._sparse = device.type == "cpu"
+        self._pushed = False            # before the first block every group passes: go dense at once
 
     def push(self, scores: torch.Tensor, first: int) -> None:
         R, b = scores.shape
@@ -115,7 +131,7 @@ class RunningTopK:
         if not tail:
             return
         gmax = scores[:, :tail].unflatten(1, (_GROUP, m)).amax(1)                     # (R, m)
-        if self._sparse and self._push_sparse(scores, gmax, first, m):
+        if self._sparse and self._pushed and self._push_sparse(scores, gmax, first, m):
             return
         _, group = gmax.topk(self.k, 1, sorted=False)                                 # (R, k)
         cols = (torch.arange(_GROUP, device=scores.device)[None, :, None] * m + group[:, None, :]).reshape(R, -1)
@@ -147,6 +163,7 @@ class RunningTopK:
         self.values, pick = values.topk(self.k, 1, sorted=False)
         self.columns = columns.gather(1, pick)
         self.threshold = self.values.amin(1)
+        self._pushed = True
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, columns)`` sorted best first; ``-1`` where fewer than k were seen."""

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kvmem.adapters import MemoryAttention, RotaryEmbedding, memory_attention
 
 import kvmem
-from kvmem.adapters import MemoryAttention, RotaryEmbedding, memory_attention
 from kvmem.errors import InvalidInputError
 
 B, H, HKV, D = 2, 4, 2, 16

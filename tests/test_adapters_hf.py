@@ -11,13 +11,11 @@ import pytest
 import torch
 
 import kvmem
-from kvmem.api import backends  # = kvmem.backends(), which importing kvmem.backends.* shadows
 from kvmem.errors import CorruptStoreError, InvalidInputError
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
-
 from kvmem.adapters import hf  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
 CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 VOCAB, HKV = 128, 2
@@ -282,7 +280,7 @@ def test_save_load_in_new_process_continues_like_uninterrupted(tmp_path, backend
 
 def unavailable(name):
     """None if kvmem.backends() says ``name`` works here, else its reason."""
-    info = backends().get(name)
+    info = kvmem.backends().get(name)
     if info is None:
         return "not registered"
     return None if info.available else (info.reason or "unavailable")

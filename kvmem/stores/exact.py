@@ -25,7 +25,7 @@ import torch
 
 from kvmem.errors import InvalidInputError
 from kvmem.tablestore import TableStore
-from kvmem.topk import blocked_search, fast_rank_dtype
+from kvmem.topk import blocked_search, rank_dtype_for
 
 __all__ = ["ExactStore"]
 
@@ -55,13 +55,7 @@ class ExactStore(TableStore):
         return {"sqnorm": keys.float().pow(2).sum(-1)}
 
     def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        ranking, rank = self.options["ranking"], None
-        if ranking == "bf16":
-            rank = torch.bfloat16
-        elif ranking == "auto":
-            # Worth it for a matmul (>= 8 queries), or when bf16 keys enter it as they are.
-            bare = self.dtype == torch.bfloat16 and self.metric == "ip"
-            rank = fast_rank_dtype(self.device) if queries.shape[1] >= 8 or bare else None
+        rank = rank_dtype_for(self.options["ranking"], queries.shape[1], self.dtype, self.metric, self.device)
         return blocked_search(_TableKeys(self), queries, k, self.metric, rank_dtype=rank,
                               block_elems=self.options["block_elems"])
 

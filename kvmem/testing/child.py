@@ -34,7 +34,7 @@ def load_in_child(paths: list[Path], queries: list[list[float]] | None = None, k
             try:
                 store = kvmem.load(path)
                 out = {{"ok": True, "count": len(store), "counts": [store.count(p) for p in range(store.partitions)]}}
-                queries = {queries!r}
+                queries = json.loads({json.dumps(queries)!r})
                 if queries is not None:
                     q = torch.tensor(queries, dtype=torch.float32).expand(store.partitions, -1, -1)
                     res = store.search(q, {k})
