@@ -2,7 +2,7 @@
 
 Run (on a shared machine, one heavy job at a time)::
 
-    flock /tmp/kvmem-heavy.lock python -m kvmem.benchmarks.ann --size 1000000 --out bench-ann
+    python -m kvmem.benchmarks.ann --size 1000000 --out bench-ann
 
 For each dataset (clustered and gaussian with metric ip; clustered with l2, where HNSW
 searches a true metric), in one process:
