@@ -25,8 +25,8 @@ Timings are medians over ``runs`` runs of the median of ``repeats`` calls after 
 warm-up; within a run a kvmem call and its peers' alternate, so all see the same
 machine, and each ratio is the median of the per-run ratios. Functions are importable:
 :func:`run` for everything, ``bench_*`` per backend, ``build_*`` for the
-contenders, :func:`render` for RESULTS.md; :mod:`kvmem.benchmarks.ann_peers`
-gives ``ivf``, ``faiss-ivf``, ``hnsw`` and ``hnswlib`` as ``kvmem bench`` contenders.
+contenders, :func:`render` for RESULTS.md; :mod:`kvmem.benchmarks.contenders`
+has ``ivf``, ``faiss-ivf``, ``hnsw`` and ``hnswlib`` as ``kvmem bench`` contenders.
 """
 
 from __future__ import annotations
@@ -44,14 +44,13 @@ import torch
 
 import kvmem
 
+from .contenders import add_rows, batches, prepared
 from .datasets import Dataset, load_dataset
 from .recall import GroundTruth, dataset_truth, recall_at_k
 from .report import BenchResult, format_table, machine_info, markdown_table, write_json
 
 __all__ = ["AnnConfig", "run", "build_kvmem", "build_faiss_ivf", "build_hnswlib", "interleaved",
            "bench_exact", "bench_ivf", "bench_hnsw", "render", "main"]
-
-ADD_BATCH = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,23 +71,13 @@ class AnnConfig:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def _rows(x: np.ndarray, start: int) -> np.ndarray:
-    return np.ascontiguousarray(x[start:start + ADD_BATCH], dtype=np.float32)
-
-
 def build_kvmem(backend: str, data: Dataset, **options: Any) -> tuple[kvmem.MemoryStore, float]:
     """A one-partition store (float32 unless ``dtype`` is given) of ``data.base`` added in batches, and its seconds."""
     start = time.perf_counter()
     dtype = options.pop("dtype", torch.float32)
     store = kvmem.create(backend, dim=data.dim, value_dim=1, metric=data.metric, dtype=dtype, **options)
-    for first in range(0, len(data.base), ADD_BATCH):
-        keys = torch.from_numpy(_rows(data.base, first))
-        store.add(keys, torch.zeros(len(keys), 1))
+    add_rows(store, data.base)
     return store, time.perf_counter() - start
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
 
 
 def build_faiss_ivf(data: Dataset, nlist: int, seed: int = 0) -> tuple[Any, float]:
@@ -100,10 +89,9 @@ def build_faiss_ivf(data: Dataset, nlist: int, seed: int = 0) -> tuple[Any, floa
     index = faiss.index_factory(data.dim, f"IVF{nlist},Flat", metric)
     sample = np.sort(np.random.default_rng(seed).choice(len(data.base), min(len(data.base), 64 * nlist), False))
     train = np.asarray(data.base[sample], np.float32)
-    index.train(_unit(train) if data.metric == "cos" else train)
-    for first in range(0, len(data.base), ADD_BATCH):
-        rows = _rows(data.base, first)
-        index.add(_unit(rows) if data.metric == "cos" else rows)
+    index.train(prepared(train, data.metric))
+    for rows in batches(data.base):
+        index.add(prepared(rows, data.metric))
     return index, time.perf_counter() - start
 
 
@@ -211,7 +199,7 @@ def bench_ivf(data: Dataset, truth: GroundTruth, config: AnnConfig, exact_qps: f
         return part.index.search(prepared, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
 
     def peer_search(index: Any, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
-        q = _unit(queries) if data.metric == "cos" else queries
+        q = prepared(queries, data.metric)
         return index.search(q, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
 
     try:

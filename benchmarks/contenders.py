@@ -8,10 +8,11 @@ rows measured side by side in one run are comparable.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -22,7 +23,7 @@ from kvmem.errors import InvalidInputError
 
 from .datasets import Dataset
 
-__all__ = ["Built", "Contender", "CONTENDERS", "contender", "add_rows"]
+__all__ = ["Built", "Contender", "CONTENDERS", "contender", "add_rows", "batches", "prepared"]
 
 ADD_BATCH = 65536
 
@@ -48,11 +49,16 @@ class Contender:
     description: str = ""
 
 
-def add_rows(store: kvmem.MemoryStore, base: np.ndarray) -> None:
-    """Add a (possibly memory-mapped) base to a one-partition store in batches."""
+def batches(base: np.ndarray) -> Iterator[np.ndarray]:
+    """A (possibly memory-mapped) base as contiguous float32 batches of ``ADD_BATCH`` rows."""
     for start in range(0, len(base), ADD_BATCH):
-        keys = torch.from_numpy(np.ascontiguousarray(base[start:start + ADD_BATCH], dtype=np.float32))
-        store.add(keys, torch.zeros(len(keys), 1))
+        yield np.ascontiguousarray(base[start:start + ADD_BATCH], dtype=np.float32)
+
+
+def add_rows(store: kvmem.MemoryStore, base: np.ndarray) -> None:
+    """Add a base to a one-partition store in batches."""
+    for rows in batches(base):
+        store.add(torch.from_numpy(rows), torch.zeros(len(rows), 1))
 
 
 class _Kvmem:
@@ -83,7 +89,8 @@ class _Kvmem:
 C_ON_DISK: dict[str, dict[str, Any]] = {"lmdb": {}, "lmdb-hnsw": {"index": "hnsw"}}   # contender -> lmdb options
 
 
-def _prepared(x: np.ndarray, metric: str) -> np.ndarray:
+def prepared(x: np.ndarray, metric: str) -> np.ndarray:
+    """float32 rows as a raw library is given them: unit length for ``cos``."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if metric == "cos":
         x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)
@@ -98,12 +105,12 @@ class _FaissFlat:
 
         self.metric = data.metric
         self.index = faiss.IndexFlatL2(data.dim) if data.metric == "l2" else faiss.IndexFlatIP(data.dim)
-        for start in range(0, len(data.base), ADD_BATCH):
-            self.index.add(_prepared(data.base[start:start + ADD_BATCH], data.metric))
+        for rows in batches(data.base):
+            self.index.add(prepared(rows, data.metric))
         self.nbytes = self.index.ntotal * data.dim * 4
 
     def search(self, queries: np.ndarray, k: int, **params: Any) -> np.ndarray:
-        return self.index.search(_prepared(queries, self.metric), k)[1]
+        return self.index.search(prepared(queries, self.metric), k)[1]
 
     def close(self) -> None:
         self.index.reset()
@@ -114,12 +121,12 @@ class _TorchNaive:
 
     def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
         self.metric = data.metric
-        self.keys = torch.from_numpy(_prepared(data.base, data.metric))
+        self.keys = torch.from_numpy(prepared(data.base, data.metric))
         self.sqnorm = self.keys.pow(2).sum(1)
         self.nbytes = self.keys.numel() * 4
 
     def search(self, queries: np.ndarray, k: int, **params: Any) -> np.ndarray:
-        q = torch.from_numpy(_prepared(queries, self.metric))
+        q = torch.from_numpy(prepared(queries, self.metric))
         out = []
         for start in range(0, len(q), 256):        # bound the q x N matrix to 256 rows at a time
             scores = q[start:start + 256] @ self.keys.T
@@ -132,6 +139,47 @@ class _TorchNaive:
         self.keys = torch.empty(0)
 
 
+class _RawIVF:
+    """Raw faiss IndexIVFFlat, nlist 4 sqrt(N) (at most N/39); nprobe per call (faiss's default 1 without one)."""
+
+    def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
+        from kvmem.stores.ivf import index_nbytes
+
+        from .ann import build_faiss_ivf
+
+        nlist = options.get("nlist") or max(1, min(round(4 * math.sqrt(data.size)), data.size // 39))
+        self.index, _ = build_faiss_ivf(data, nlist)
+        self.nbytes, self.metric = index_nbytes(self.index), data.metric
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int = 1) -> np.ndarray:
+        import faiss
+
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        return self.index.search(prepared(queries, self.metric), k, params=params)[1]
+
+    def close(self) -> None:
+        self.index.reset()
+
+
+class _RawHNSW:
+    """Raw hnswlib, M 16 and ef_construction 200 (kvmem's defaults); ef per call (hnswlib's 10 without one)."""
+
+    def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
+        from kvmem.stores.hnsw import graph_nbytes
+
+        from .ann import build_hnswlib
+
+        self.index, _ = build_hnswlib(data, options.get("M", 16), options.get("ef_construction", 200))
+        self.nbytes = graph_nbytes(self.index)
+
+    def search(self, queries: np.ndarray, k: int, ef: int = 10) -> np.ndarray:
+        self.index.set_ef(ef)                       # one caller at a time: kvmem bench is serial
+        return self.index.knn_query(queries, min(k, self.index.get_current_count()))[0].astype(np.int64)
+
+    def close(self) -> None:
+        self.index = None
+
+
 def _kvmem(backend: str) -> Callable[[Dataset, Mapping[str, Any]], Built]:
     return lambda data, options: _Kvmem(backend, data, options)
 
@@ -141,6 +189,12 @@ CONTENDERS: dict[str, Contender] = {
         Contender("exact", _kvmem("exact"), kvmem=True, peer="faiss-flat",
                   description="kvmem exact (torch, blocked top-k)"),
         Contender("faiss-flat", _FaissFlat, description="raw faiss IndexFlat"),
+        Contender("ivf", _kvmem("ivf"), kvmem=True, peer="faiss-ivf", sweep_param="nprobe",
+                  description="kvmem ivf (faiss IVF-Flat; target_recall 0.95 unless nprobe is given)"),
+        Contender("faiss-ivf", _RawIVF, sweep_param="nprobe", description="raw faiss IndexIVFFlat"),
+        Contender("hnsw", _kvmem("hnsw"), kvmem=True, peer="hnswlib", sweep_param="ef",
+                  description="kvmem hnsw (hnswlib; target_recall 0.95 unless ef is given)"),
+        Contender("hnswlib", _RawHNSW, sweep_param="ef", description="raw hnswlib"),
         Contender("lmdb", _kvmem("lmdb"), kvmem=True, peer="exact",
                   description="kvmem lmdb: exact, streamed from the memory map (vs the in-RAM exact store)"),
         Contender("lmdb-hnsw", _kvmem("lmdb-hnsw"), kvmem=True, sweep_param="ef",

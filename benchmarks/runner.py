@@ -24,6 +24,9 @@ from .report import BenchResult, machine_info, markdown_table, print_table, prog
 __all__ = ["BenchConfig", "run", "render", "QUICK", "DEFAULT"]
 
 
+SWEEPS: dict[str, tuple[int, ...]] = {"nprobe": (1, 4, 16, 64), "ef": (16, 32, 64, 128, 256)}
+
+
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     size: int = 200_000                 # base rows
@@ -32,9 +35,9 @@ class BenchConfig:
     k: int = 32
     dataset: str = "clustered"          # "gaussian", "clustered", or a path (.hdf5/.fvecs/.fbin/...)
     metric: str | None = None           # None: the dataset's own ("ip" for generated data)
-    backends: tuple[str, ...] = ("exact", "faiss-flat", "torch-naive")
+    backends: tuple[str, ...] = ("exact", "faiss-flat", "torch-naive", "ivf", "faiss-ivf", "hnsw", "hnswlib", "lmdb")
     dtype: str = "float32"              # storage dtype of kvmem stores
-    sweeps: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)  # knob -> values
+    sweeps: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=lambda: dict(SWEEPS))  # knob -> values
     repeats: int = 3
     seed: int = 0
     out: Path = Path("kvmem-bench")
@@ -45,10 +48,10 @@ DEFAULT = BenchConfig()
 
 
 def _settings(contender: C.Contender, config: BenchConfig) -> list[dict[str, Any]]:
+    """kvmem at its defaults (``target_recall``) and then the sweep; a raw library only at the sweep's values."""
     knob = contender.sweep_param
-    if knob and knob in config.sweeps:
-        return [{knob: v} for v in config.sweeps[knob]]
-    return [{}]
+    sweep = [{knob: v} for v in config.sweeps.get(knob, ())] if knob else []
+    return ([{}] if contender.kvmem or not sweep else []) + sweep
 
 
 def run(config: BenchConfig, *, verbose: bool = True) -> list[BenchResult]:
@@ -104,9 +107,9 @@ def render(results: list[BenchResult]) -> str:
 
 def _with_ratio(result: BenchResult, seconds: dict[tuple[str, str], float]) -> BenchResult:
     """Add the time ratio to this contender's raw peer at equal params, from the same run."""
-    peer = C.contender(result.backend).peer
-    key = repr(sorted(result.params.items()))
-    if peer is None or (peer, key) not in seconds:
+    contender = C.contender(result.backend)
+    peer, key = contender.peer, repr(sorted(result.params.items()))
+    if peer is None or (peer, key) not in seconds or (contender.sweep_param and not result.params):
         return result
     ratio = seconds[(result.backend, key)] / seconds[(peer, key)]
     return dataclasses.replace(result, extra={**result.extra, "vs": peer, "time_ratio": ratio})

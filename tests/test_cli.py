@@ -30,13 +30,23 @@ def test_info_on_something_else_is_a_clear_error(tmp_path):
     assert out.returncode == 2 and "CorruptStoreError" in out.stderr and "manifest.json" in out.stderr
 
 
-def test_bench_writes_a_table_json_and_plot(tmp_path):
+def test_bench_measures_every_backend_and_peer_and_writes_json_and_plot(tmp_path):
     out = _kvmem("bench", "--size", "3000", "--queries", "40", "--dim", "16", "--k", "5", "--repeats", "1",
                  "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr
-    for name in ("exact", "faiss-flat", "torch-naive"):
-        assert name in out.stdout
     results = json.loads((tmp_path / "results.json").read_text())
-    rows = {r["backend"]: r for r in results["results"]}
-    assert rows["exact"]["recall"] == 1.0 and rows["faiss-flat"]["recall"] == 1.0
+    rows: dict[str, list[dict]] = {}
+    for r in results["results"]:
+        rows.setdefault(r["backend"], []).append(r)
+    everyone = {"exact", "ivf", "hnsw", "lmdb", "faiss-flat", "faiss-ivf", "hnswlib", "torch-naive"}
+    assert set(rows) == everyone and all(name in out.stdout for name in everyone)
+    for name in ("exact", "faiss-flat", "torch-naive", "lmdb"):
+        assert [r["recall"] for r in rows[name]] == [1.0]
+    # kvmem's ANN stores at their defaults (target_recall 0.95), then the sweep; raw peers only the sweep
+    assert [r["params"] for r in rows["ivf"]] == [{}] + [{"nprobe": v} for v in (1, 4, 16, 64)]
+    assert [r["params"] for r in rows["hnswlib"]] == [{"ef": v} for v in (16, 32, 64, 128, 256)]
+    assert rows["hnsw"][0]["recall"] >= 0.9 and rows["ivf"][0]["recall"] >= 0.9
+    swept = [r for r in rows["hnsw"] + rows["ivf"] if r["params"]]
+    assert all(r["extra"]["vs"] in ("hnswlib", "faiss-ivf") and r["extra"]["time_ratio"] > 0 for r in swept)
+    assert max(r["recall"] for r in rows["faiss-ivf"]) >= 0.95
     assert (tmp_path / "recall_qps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

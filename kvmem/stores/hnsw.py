@@ -42,10 +42,10 @@ import hnswlib
 import numpy as np
 import torch
 
-from kvmem.stores._ann import AnnStore, check_int, check_recall, meta_int
-from kvmem.stores._hnswfile import check_hnsw_file
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError, map_errors
+from kvmem.stores._ann import AnnStore, check_int, check_recall, meta_int
+from kvmem.stores._hnswfile import check_hnsw_file
 
 __all__ = ["HNSWStore", "graph_nbytes"]
 

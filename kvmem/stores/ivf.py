@@ -59,10 +59,10 @@ import faiss
 import numpy as np
 import torch
 
-from kvmem.stores._ann import AnnStore, check_int, check_recall, meta_int
-from kvmem.stores._ivffile import check_faiss_file, list_ids
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError, map_errors
+from kvmem.stores._ann import AnnStore, check_int, check_recall, meta_int
+from kvmem.stores._ivffile import check_faiss_file, list_ids
 
 __all__ = ["IVFStore", "index_nbytes"]
 
