@@ -117,7 +117,7 @@ def _run(model, backend, args, chunk, rest, store_options, search_options):
         adapter.detach()
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--memory", type=int, default=1_000_000, help="memory rows per kv head (tokens)")
     p.add_argument("--chunk", type=int, default=512, help="tokens in the timed window")
@@ -152,31 +152,43 @@ def main(argv=None) -> None:
 
     base = timed(plain, args.repeats)
     head_dim = args.hidden // args.heads
-    machine = ", ".join(f"{k} {v}" for k, v in machine_info().items())
-    print(f"# machine: {machine}")
-    print(f"# adapter forward: chunk {args.chunk} tokens, memory {args.memory:,} tokens per kv head, "
-          f"k={args.k}, positions={args.positions}, hidden {args.hidden}, layers {args.layers} "
-          f"(memory on {args.memory_layers}), heads {args.heads}/{args.kv_heads}, head_dim {head_dim}, "
-          f"store {args.dtype}, torch threads {torch.get_num_threads()}")
-    print("| backend | rows per kv head | fill+build s | forward s (read) | × no memory "
-          "| feed s (read + write) | × no memory |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    print(f"| (no memory) | 0 | - | {base:.4f} | 1.00 | - | - |")
+    result = {"machine": ", ".join(f"{k} {v}" for k, v in machine_info().items()),
+              "setup": (f"chunk {args.chunk} tokens, memory {args.memory:,} tokens per kv head, k={args.k}, "
+                        f"positions={args.positions}, hidden {args.hidden}, layers {args.layers} "
+                        f"(memory on {args.memory_layers}), heads {args.heads}/{args.kv_heads}, head_dim "
+                        f"{head_dim}, store {args.dtype}, torch threads {torch.get_num_threads()}"),
+              "no_memory_s": base, "rows": []}
     available = kvmem.backends()
     for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
         info = available.get(backend)
         if info is None or not info.available:
             reason = "not registered" if info is None else info.reason
-            print(f"| {backend} | - | - | unavailable: {reason} | - | - | - |")
+            result["rows"].append({"backend": backend, "unavailable": reason})
             continue
         store_options, search_options = settings(backend, args)
         fill_s, read_s, feed_s, rows = run_backend(model, backend, args, chunk, rest)
-        per_head = min(rows.values())
         opts = ", ".join(f"{k}={v}" for k, v in {**store_options, **search_options}.items())
-        name = f"{backend} ({opts})" if opts else backend
-        print(f"| {name} | {per_head:,} | {fill_s:.1f} | {read_s:.4f} | {read_s / base:.2f} "
-              f"| {feed_s:.4f} | {feed_s / base:.2f} |")
+        result["rows"].append({"backend": f"{backend} ({opts})" if opts else backend, "rows": min(rows.values()),
+                               "fill_s": fill_s, "read_s": read_s, "feed_s": feed_s})
+    print(render(result))
+    return result
 
+
+def render(result: dict) -> str:
+    """The Markdown table of one run: forward time per backend beside the model without memory."""
+    base = result["no_memory_s"]
+    lines = [f"Adapter forward: {result['setup']}. Medians of the timed calls; ratios to the model without "
+             "memory, same run.", "",
+             "| backend | rows per kv head | fill+build s | forward s (read) | x no memory "
+             "| feed s (read + write) | x no memory |", "|---|---:|---:|---:|---:|---:|---:|",
+             f"| (no memory) | 0 | - | {base:.4f} | 1.00 | - | - |"]
+    for r in result["rows"]:
+        if "unavailable" in r:
+            lines.append(f"| {r['backend']} | - | - | unavailable: {r['unavailable']} | - | - | - |")
+            continue
+        lines.append(f"| {r['backend']} | {r['rows']:,} | {r['fill_s']:.1f} | {r['read_s']:.4f} "
+                     f"| {r['read_s'] / base:.2f} | {r['feed_s']:.4f} | {r['feed_s'] / base:.2f} |")
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()

@@ -91,6 +91,18 @@ def _ann_render(data: Any) -> str:
     return ann.render([BenchResult(**r) for r in data])
 
 
+def _adapter(out: Path) -> Any:
+    from . import adapter_forward
+
+    return adapter_forward.main([])
+
+
+def _adapter_render(data: Any) -> str:
+    from . import adapter_forward
+
+    return adapter_forward.render(data)
+
+
 def _lmdb(out: Path) -> Any:
     from . import lmdb_bench
 
@@ -112,6 +124,8 @@ SECTIONS: dict[str, Section] = {
                       _lookup, _lookup_render),
     "ann": Section("Approximate backends `ivf` and `hnsw` against faiss and hnswlib (issue 3)",
                    "python -m kvmem.benchmarks.ann --size 1000000", _ann, _ann_render),
+    "adapter": Section("Adapter forward with 1M tokens of memory per key-value head",
+                       "python -m kvmem.benchmarks.adapter_forward", _adapter, _adapter_render),
     "lmdb": Section("`lmdb`: ingest, exact streaming search, reopen, 16M rows",
                     "python -m kvmem.benchmarks.lmdb_bench --threads 1",
                     _lmdb, _lmdb_render),
