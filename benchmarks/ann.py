@@ -193,10 +193,10 @@ def bench_ivf(data: Dataset, truth: GroundTruth, config: AnnConfig, exact_qps: f
     nlist = part.index.nlist
     peer, peer_s = build_faiss_ivf(data, nlist, config.seed)
 
-    prepared = part.prepare_queries(np.ascontiguousarray(data.queries, np.float32))   # as kvmem hands them to faiss
+    q_kvmem = part.prepare_queries(np.ascontiguousarray(data.queries, np.float32))    # as kvmem hands them to faiss
 
     def same(queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
-        return part.index.search(prepared, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+        return part.index.search(q_kvmem, k, params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
 
     def peer_search(index: Any, queries: np.ndarray, k: int, nprobe: int) -> np.ndarray:
         q = prepared(queries, data.metric)

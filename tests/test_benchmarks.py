@@ -1,0 +1,80 @@
+"""Every benchmark script runs end to end on tiny sizes and its RESULTS.md section renders.
+
+The figures themselves belong to ``benchmarks/RESULTS.md``; here each path (build,
+measure, JSON, plot, Markdown) runs once, and the figures it returns are checked
+for what must hold at any size (exact agrees with faiss, ratios are positive).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+from kvmem.benchmarks import adapter_forward, ann, exact_flat, lmdb_bench, lookup, make_results
+from kvmem.benchmarks.report import BenchResult
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_exact_flat_small(tmp_path):
+    out = exact_flat.main(["--n", "3000", "--dim", "16", "--k", "5", "--queries", "20", "--rounds", "1",
+                           "--json", str(tmp_path / "exact.json")])
+    assert out["batched"]["agreement_with_faiss"]["float32"] >= 0.99
+    assert all(r > 0 for r in out["batched"]["ratio"].values())
+    assert json.loads((tmp_path / "exact.json").read_text())["batched"]["n"] == 3000
+    text = exact_flat.render(out)
+    assert "time / faiss" in text and "One query at a time" in text
+
+
+def test_ann_small_runs_every_contender(tmp_path):
+    config = ann.AnnConfig(size=3000, dim=16, queries=30, k=5, datasets=("clustered", "gaussian:l2"),
+                           nprobes=(1, 8), efs=(32, 64), targets=(0.95,), repeats=1, runs=1, out=tmp_path)
+    rows = ann.run(config, verbose=False)
+    names = {r.backend for r in rows}
+    assert {"exact", "ivf", "faiss-ivf", "hnsw", "hnswlib"} <= names
+    assert all(0.0 <= r.recall <= 1.0 and r.qps > 0 for r in rows)
+    assert [r.recall for r in rows if r.backend == "exact"] == [1.0, 1.0]
+    assert json.loads((tmp_path / "results.json").read_text())["results"]
+    assert (tmp_path / "recall_qps_clustered_ip.png").read_bytes()[:8] == PNG
+    again = [BenchResult(**dataclasses.asdict(r)) for r in rows]
+    assert "metric l2" in ann.render(again) and "metric ip" in ann.render(again)
+
+
+def test_lookup_small_every_backend(tmp_path):
+    results = lookup.run(["exact", "ivf", "hnsw", "lmdb"], [512, 2048], out=tmp_path, verbose=False, queries=64)
+    assert len(results) == 8 and all(0.0 <= r.accuracy <= 1.0 for r in results)
+    exact = {r.size: r.accuracy for r in results if r.backend == "exact"}
+    assert exact[512] >= 0.9                                 # a small dictionary is read back almost always
+    assert (tmp_path / "lookup.png").read_bytes()[:8] == PNG and (tmp_path / "lookup.json").exists()
+    assert "2,048" in lookup.render(results)
+
+
+def test_adapter_forward_small():
+    pytest.importorskip("transformers")
+    result = adapter_forward.main(["--memory", "600", "--backends", "exact,ivf,hnsw,lmdb", "--chunk", "32",
+                                   "--hidden", "64", "--heads", "2", "--kv-heads", "1", "--repeats", "1",
+                                   "--fill-batch", "256"])
+    rows = result["rows"]
+    assert [r["backend"].split()[0] for r in rows] == ["exact", "ivf", "hnsw", "lmdb"]
+    assert all(r["rows"] >= 600 and r["read_s"] > 0 for r in rows)
+    assert "| (no memory) |" in adapter_forward.render(result)
+
+
+def test_lmdb_bench_small(tmp_path):
+    result = lmdb_bench.main(["--n", "2048", "--big", "4096", "--batch", "512", "--rounds", "1",
+                              "--dir", str(tmp_path / "stores"), "--json", str(tmp_path / "lmdb.json")])
+    assert result["ingest"]["ratio"] > 0 and result["search"]["q1"]["ratio"] > 0
+    assert result["big"]["rows"] == 4096 and result["reopen"]["reopen_current_s"] > 0
+    assert "rows in one store" in lmdb_bench.render(result)
+
+
+def test_make_results_renders_the_page_from_kept_json(tmp_path):
+    data = exact_flat.main(["--n", "2000", "--dim", "8", "--k", "4", "--queries", "8", "--rounds", "1"])
+    (tmp_path / "exact.json").write_text(json.dumps({"seconds": 60, "data": data}))
+    page = tmp_path / "RESULTS.md"
+    make_results.main(["--out", str(tmp_path), "--render-only", "--page", str(page)])
+    text = page.read_text()
+    assert text.startswith("# kvmem benchmark results") and make_results.SECTIONS["exact"].title in text
+    assert "Machine:" in text and not math.isnan(data["batched"]["ratio"]["float32"])
