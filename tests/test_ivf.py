@@ -274,3 +274,6 @@ def test_calibration_search_bisects_and_stops_at_a_plateau():
     assert len(calls) < 12
     saturating = lambda value: (min(0.97, 0.5 + 0.05 * np.log2(value)), 0.002)    # noqa: E731
     assert smallest_value(saturating, 64, 1 << 20, 0.99)[0] < 1 << 16                # not the whole range
+    unstructured = lambda value: (min(1.0, value / 2048), 0.001)                      # noqa: E731
+    value, (recall, _) = smallest_value(unstructured, 1, 2048, 0.95)                  # recall ~ lists probed
+    assert recall >= 0.95 and value >= 0.95 * 2048                                    # not stuck at nprobe 1

@@ -48,7 +48,7 @@ __all__ = ["Calibration", "calibrate", "smallest_value", "K", "QUERIES"]
 K = 32              # recall@K is what a calibration measures
 QUERIES = 512       # stored keys sampled as queries per calibration (standard error ~0.005 at recall 0.95)
 _TIE_RTOL = 1e-5
-_PLATEAU = 0.9      # a doubling that leaves more than this fraction of the misses has hit a plateau
+_PLATEAU = 0.1      # a doubling that adds less than this fraction of the misses and of the recall: a plateau
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +83,10 @@ def smallest_value(recall_at: Callable[[int], tuple[float, float]], low: int, hi
     """The smallest value in ``[low, high]`` (to within 1/16) whose recall, less two standard errors,
     reaches ``target``; ``recall_at(value)`` gives ``(mean, standard error)``. Returns the value and its pair.
 
-    Doubling stops early when a doubling removes less than a tenth of the misses: the index has
-    plateaued (an ip graph can stop short of recall 1 at any ef) and the smaller value is kept.
+    Doubling stops early when a doubling removes less than a tenth of the misses and adds less than
+    a tenth to the recall: the index has plateaued (an ip graph can stop short of recall 1 at any ef)
+    and the smaller value is kept. (At a low recall a doubling removes few misses but doubles the
+    recall: IVF on unstructured data, where recall grows with the fraction of lists probed.)
     """
 
     def enough(measured: tuple[float, float]) -> bool:
@@ -95,7 +97,8 @@ def smallest_value(recall_at: Callable[[int], tuple[float, float]], low: int, hi
     while not enough(recall) and value < high:
         bigger = min(high, 2 * value)
         measured = recall_at(bigger)
-        if 1 - measured[0] > _PLATEAU * (1 - recall[0]) and not enough(measured):
+        gain = measured[0] - recall[0]
+        if gain < _PLATEAU * min(1 - recall[0], recall[0]) and not enough(measured):
             return value, recall                    # plateau: more of the knob buys next to nothing
         failed, value, recall = value, bigger, measured
     if not enough(recall):
