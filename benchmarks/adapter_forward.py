@@ -32,12 +32,13 @@ def settings(backend: str, args) -> tuple[dict, dict]:
     """(store_options, search_options) for ``backend``, using only the names it declares."""
     cls = kvmem.registry.resolve(backend)
     store, search = {}, {}
+    accepted = cls.search_params if isinstance(cls.search_params, frozenset) else frozenset()   # lmdb: per store
     if "nlist" in cls.defaults:
         store["nlist"] = args.nlist or max(1, int(4 * args.memory**0.5))
-    if "nprobe" in cls.search_params:
+    if "nprobe" in accepted:
         search["nprobe"] = args.nprobe
     for name in ("ef", "ef_search"):
-        if name in cls.search_params:
+        if name in accepted:
             search[name] = args.ef
     return store, search
 
