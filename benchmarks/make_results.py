@@ -157,6 +157,17 @@ def machine() -> str:
             + ", ".join(f"{k} {v}" for k, v in versions.items()))
 
 
+def _plots(folder: Path, plots: Path, section: str) -> list[str]:
+    """Copy a section's PNG plots beside the page (``plots/<section>-<name>.png``); Markdown links to them."""
+    lines = []
+    for png in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+        plots.mkdir(parents=True, exist_ok=True)
+        target = plots / f"{section}-{png.name}"
+        target.write_bytes(png.read_bytes())
+        lines += [f"![{section}: {png.stem}](plots/{target.name})", ""]
+    return lines or [""]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results-run", help="folder for each section's JSON")
@@ -186,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         kept = json.loads(file.read_text())
         parts += [f"## {section.title}", "", f"`{section.command}` ({kept['seconds'] / 60:.0f} min)", "",
-                  section.render(kept["data"]), ""]
+                  section.render(kept["data"]), *_plots(out / name, Path(args.page).parent / "plots", name)]
     Path(args.page).write_text("\n".join(parts))
     print(f"wrote {args.page}")
 
