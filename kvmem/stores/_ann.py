@@ -51,6 +51,7 @@ import torch
 
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError
+from kvmem.store import SearchResult
 from kvmem.stores._calibrate import Calibration, calibrate
 from kvmem.tablestore import TableStore
 from kvmem.topk import NEG_INF, blocked_search, exact_scores
@@ -194,8 +195,8 @@ class AnnStore(TableStore):
     def exact(self) -> bool:
         return False
 
-    def search(self, queries: Any, k: int, **params: Any) -> Any:
-        self._last.threads = torch.get_num_threads()
+    def search(self, queries: Any, k: int, **params: Any) -> SearchResult:
+        self._last.threads = torch.get_num_threads()          # what the index library's search gets back
         with torch_threads(1):
             return super().search(queries, k, **params)
 
