@@ -1,7 +1,5 @@
 """The hnsw backend: conformance, recall, calibration, per-call ef, growth, deletions, files."""
 
-import hashlib
-import json
 import shutil
 import threading
 from pathlib import Path
@@ -9,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ann_support import index_bytes_of, recall, resave
 from kvmem.benchmarks.datasets import clustered
 from kvmem.benchmarks.recall import ground_truth, recall_at_k
 
@@ -54,25 +53,6 @@ def build(base: np.ndarray, metric: str = "ip", **options) -> kvmem.MemoryStore:
         chunk = torch.from_numpy(np.ascontiguousarray(base[start:start + 8192], np.float32))
         store.add(chunk, torch.zeros(len(chunk), 1))
     return store
-
-
-def recall(store: kvmem.MemoryStore, data, truth, **params) -> float:
-    ids = store.search(torch.from_numpy(data.queries), 32, **params).ids.numpy()
-    return recall_at_k(ids, truth, data.base, data.queries)
-
-
-def resave(directory: Path, role: str, data: bytes) -> None:
-    """Replace one file of a save and recompute its manifest entry: a foreign file that passes the checksum."""
-    manifest = json.loads((directory / "manifest.json").read_text())
-    entry = manifest["files"][role]
-    (directory / entry["name"]).write_bytes(data)
-    entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (directory / "manifest.json").write_text(json.dumps(manifest))
-
-
-def graph_bytes(path: Path) -> bytes:
-    manifest = json.loads((path / "manifest.json").read_text())
-    return (path / manifest["files"]["index.p0"]["name"]).read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -230,12 +210,12 @@ def test_foreign_graphs_with_recomputed_manifests_are_rejected_in_a_child(tmp_pa
         return tmp_path / name
 
     good = saved("good", drop=10)
-    full = graph_bytes(good)
+    full = index_bytes_of(good)
     foreign = {
-        "wider": graph_bytes(saved("wider", dim=16, drop=10)),
-        "other-degree": graph_bytes(saved("degree", M=8, drop=10)),
-        "other-keys": graph_bytes(saved("keys", seed=7, drop=10)),
-        "other-ids": graph_bytes(saved("ids", drop=20)),
+        "wider": index_bytes_of(saved("wider", dim=16, drop=10)),
+        "other-degree": index_bytes_of(saved("degree", M=8, drop=10)),
+        "other-keys": index_bytes_of(saved("keys", seed=7, drop=10)),
+        "other-ids": index_bytes_of(saved("ids", drop=20)),
         "truncated": full[:len(full) - 68],
         "grown": full + bytes(68),
     }
@@ -252,7 +232,7 @@ def test_foreign_graphs_with_recomputed_manifests_are_rejected_in_a_child(tmp_pa
 
 def test_random_bytes_with_recomputed_manifests_never_crash_the_loader(tmp_path):
     build(randn(8, 400, 8).numpy()).save(tmp_path / "good")
-    blob = graph_bytes(tmp_path / "good")
+    blob = index_bytes_of(tmp_path / "good")
     rng = np.random.default_rng(0)
     cases = []
     for i, at in enumerate(rng.integers(0, len(blob), 40)):

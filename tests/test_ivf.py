@@ -1,7 +1,5 @@
 """The ivf backend: conformance before and after training, recall, calibration, growth, files."""
 
-import hashlib
-import json
 import shutil
 import threading
 from pathlib import Path
@@ -10,6 +8,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from ann_support import index_bytes_of, recall, resave
 from kvmem.benchmarks.datasets import clustered
 from kvmem.benchmarks.recall import ground_truth, recall_at_k
 
@@ -62,25 +61,6 @@ def build(base: np.ndarray, metric: str = "ip", partitions: int = 1, **options) 
         chunk = keys[:, start:start + 16384]
         store.add(chunk, torch.zeros(*chunk.shape[:2], 1))
     return store
-
-
-def recall(store: kvmem.MemoryStore, data, truth, **params) -> float:
-    ids = store.search(torch.from_numpy(data.queries), 32, **params).ids.numpy()
-    return recall_at_k(ids, truth, data.base, data.queries)
-
-
-def resave(directory: Path, role: str, data: bytes) -> None:
-    """Replace one file of a save and recompute its manifest entry: a foreign file that passes the checksum."""
-    manifest = json.loads((directory / "manifest.json").read_text())
-    entry = manifest["files"][role]
-    (directory / entry["name"]).write_bytes(data)
-    entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    (directory / "manifest.json").write_text(json.dumps(manifest))
-
-
-def index_bytes_of(path: Path) -> bytes:
-    manifest = json.loads((path / "manifest.json").read_text())
-    return (path / manifest["files"]["index.p0"]["name"]).read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------- recall

@@ -1,0 +1,32 @@
+"""Helpers shared by the ``ivf`` and ``hnsw`` tests."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from kvmem.benchmarks.recall import recall_at_k
+
+import kvmem
+
+
+def recall(store: kvmem.MemoryStore, data, truth, **params) -> float:
+    ids = store.search(torch.from_numpy(data.queries), 32, **params).ids.numpy()
+    return recall_at_k(ids, truth, data.base, data.queries)
+
+
+def resave(directory: Path, role: str, data: bytes) -> None:
+    """Replace one file of a save and recompute its manifest entry: a foreign file that passes the checksum."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    entry = manifest["files"][role]
+    (directory / entry["name"]).write_bytes(data)
+    entry["bytes"], entry["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def index_bytes_of(path: Path) -> bytes:
+    """The bytes of partition 0's native index file in a save."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    return (path / manifest["files"]["index.p0"]["name"]).read_bytes()
