@@ -24,7 +24,6 @@ from kvmem.errors import map_errors
 __all__ = ["HnswPart", "IvfPart", "PARTS", "prepare"]
 
 _FIRST_SIZE = 1024
-_GROWTH = 1.5
 _EF_FLOOR = 64
 _PER_LIST = 39              # faiss wants at least this many training rows per list
 _TRAIN_AT = 1 << 15         # rows before an ivf part trains, unless nlist is fixed
@@ -70,20 +69,15 @@ class HnswPart:
         return False
 
     def add(self, ids: np.ndarray, keys: np.ndarray) -> None:
-        index = self.index
-        need = index.element_count + max(0, len(ids) - (index.element_count - self.live))
-        if need > index.max_elements:
-            grown = max(need, int(index.max_elements * _GROWTH))
-            with map_errors("hnsw resize"):
-                index.resize_index(min(grown, max(need, self.capacity or grown)))
-        with map_errors("hnsw add"):
-            index.add_items(prepare(self.metric, keys), ids, replace_deleted=True)
+        from kvmem.stores.hnsw import add_to_graph
+
+        add_to_graph(self.index, ids, prepare(self.metric, keys), self.live, self.capacity)
         self.live += len(ids)
 
     def remove(self, ids: np.ndarray) -> None:
-        with map_errors("hnsw remove"):
-            for label in ids.tolist():
-                self.index.mark_deleted(label)
+        from kvmem.stores.hnsw import remove_from_graph
+
+        remove_from_graph(self.index, ids)
         self.live -= len(ids)
 
     def search(self, queries: np.ndarray, k: int, ef: int | None) -> np.ndarray | None:

@@ -47,7 +47,7 @@ from kvmem.errors import CorruptStoreError, InvalidInputError, map_errors
 from kvmem.stores._ann import AnnStore, check_int, check_recall, meta_int
 from kvmem.stores._hnswfile import check_hnsw_file
 
-__all__ = ["HNSWStore", "graph_nbytes"]
+__all__ = ["HNSWStore", "add_to_graph", "graph_nbytes", "remove_from_graph"]
 
 _FIRST_SIZE = 1024
 _GROWTH = 1.5
@@ -118,21 +118,11 @@ class _HNSWPart:
         return self.live > 0
 
     def add(self, ids: np.ndarray, keys: np.ndarray, threads: int) -> None:
-        index = self.index
-        free = index.element_count - self.live                      # deleted elements, reused first
-        need = index.element_count + max(0, len(ids) - free)
-        if need > index.max_elements:
-            grown = max(need, int(index.max_elements * _GROWTH))
-            with map_errors("hnsw resize"):
-                index.resize_index(min(grown, max(need, self.capacity or grown)))
-        with map_errors("hnsw add"):
-            index.add_items(_prepare(self.metric, keys), ids, num_threads=threads or -1, replace_deleted=True)
+        add_to_graph(self.index, ids, _prepare(self.metric, keys), self.live, self.capacity, threads)
         self.live += len(ids)
 
     def remove(self, ids: np.ndarray) -> None:
-        with map_errors("hnsw remove"):
-            for label in ids.tolist():
-                self.index.mark_deleted(label)
+        remove_from_graph(self.index, ids)
         self.live -= len(ids)
 
     def search(self, queries: np.ndarray, k: int, value: int, threads: int) -> np.ndarray | None:
@@ -149,6 +139,27 @@ class _HNSWPart:
 
     def nbytes(self) -> int:
         return graph_nbytes(self.index)
+
+
+def add_to_graph(index: hnswlib.Index, ids: np.ndarray, vectors: np.ndarray, live: int, capacity: int | None,
+                 threads: int = 0) -> None:
+    """Add prepared ``vectors`` under ``ids``, reusing deleted elements first and growing the graph
+    1.5x (never past ``capacity``) when it needs more room. ``live``: elements not deleted."""
+    free = index.element_count - live                               # deleted elements, reused first
+    need = index.element_count + max(0, len(ids) - free)
+    if need > index.max_elements:
+        grown = max(need, int(index.max_elements * _GROWTH))
+        with map_errors("hnsw resize"):
+            index.resize_index(min(grown, max(need, capacity or grown)))
+    with map_errors("hnsw add"):
+        index.add_items(vectors, ids, num_threads=threads or -1, replace_deleted=True)
+
+
+def remove_from_graph(index: hnswlib.Index, ids: np.ndarray) -> None:
+    """Mark ``ids`` deleted; later adds reuse their elements."""
+    with map_errors("hnsw remove"):
+        for label in ids.tolist():
+            index.mark_deleted(label)
 
 
 def graph_nbytes(index: hnswlib.Index) -> int:
