@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
 from kvmem.benchmarks.recall import recall_at_k
 
 import kvmem
+from kvmem.testing.child import load_in_child
 
 
 def recall(store: kvmem.MemoryStore, data, truth, **params) -> float:
@@ -30,3 +32,17 @@ def index_bytes_of(path: Path) -> bytes:
     """The bytes of partition 0's native index file in a save."""
     manifest = json.loads((path / "manifest.json").read_text())
     return (path / manifest["files"]["index.p0"]["name"]).read_bytes()
+
+
+def assert_foreign_indexes_refused(good: Path, foreign: dict[str, bytes], work: Path, count: int) -> None:
+    """Each ``foreign`` index file, put into a copy of the save ``good`` with a valid checksum, makes the
+    loader (in a child process) raise CorruptStoreError, while ``good`` itself loads with ``count`` rows."""
+    cases = []
+    for name, blob in foreign.items():
+        shutil.copytree(good, work / f"case-{name}")
+        resave(work / f"case-{name}", "index.p0", blob)
+        cases.append(work / f"case-{name}")
+    results = load_in_child([good, *cases])
+    assert results[0]["ok"] and results[0]["count"] == count
+    for case, result in zip(cases, results[1:]):
+        assert result["ok"] is False and result["error"] == "CorruptStoreError", (case.name, result)

@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from ann_support import index_bytes_of, recall, resave
+from ann_support import assert_foreign_indexes_refused, index_bytes_of, recall, resave
 from kvmem.benchmarks.datasets import clustered
 from kvmem.benchmarks.recall import ground_truth, recall_at_k
 
@@ -202,15 +202,7 @@ def test_foreign_index_files_with_recomputed_manifests_are_rejected_in_a_child(t
         "sq8-codes": index_bytes_of(saved("sq8", n=310, drop=10, index="SQ8")),
         "flat-index": bytes(faiss.serialize_index(flat)),
     }
-    cases = []
-    for name, blob in foreign.items():
-        shutil.copytree(good, tmp_path / f"case-{name}")
-        resave(tmp_path / f"case-{name}", "index.p0", blob)
-        cases.append(tmp_path / f"case-{name}")
-    results = load_in_child([good, *cases])
-    assert results[0]["ok"] and results[0]["count"] == 300
-    for case, result in zip(cases, results[1:]):
-        assert result["ok"] is False and result["error"] == "CorruptStoreError", (case.name, result)
+    assert_foreign_indexes_refused(good, foreign, tmp_path, count=300)
 
 
 def test_random_bytes_with_recomputed_manifests_never_crash_the_loader(tmp_path):
