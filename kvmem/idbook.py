@@ -128,9 +128,12 @@ class IdBook:
                 continue
             want = row[mask]
             rel = want - part.base
-            inside = (rel >= 0) & (rel < len(part.slot_of.view))
-            found = np.full(len(want), -1, np.int64)
-            found[inside] = part.slot_of.view[rel[inside]]
+            if rel.min() >= 0 and rel.max() < len(part.slot_of.view):                 # the usual case: one gather
+                found = part.slot_of.view[rel]
+            else:
+                inside = (rel >= 0) & (rel < len(part.slot_of.view))
+                found = np.full(len(want), -1, np.int64)
+                found[inside] = part.slot_of.view[rel[inside]]
             if (found < 0).any():
                 bad = int(want[found < 0][0])
                 why = "was never added" if bad >= part.next_id else "was removed, evicted or cleared"
