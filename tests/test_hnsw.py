@@ -68,15 +68,34 @@ def test_defaults_reach_095_recall_on_clustered_keys(store, data, truth):
     assert recall(store, data, truth, ef=32) < recall(store, data, truth)
 
 
-def test_target_recall_moves_ef_both_ways_and_stops_where_the_graph_does(data, truth):
-    low, high = build(data.base[:8192], target_recall=0.8), build(data.base[:8192], target_recall=0.995)
+def test_target_recall_moves_ef_both_ways(data, truth):
+    low, high = build(data.base[:8192], target_recall=0.8), build(data.base[:8192], target_recall=0.97)
     sub = ground_truth(data.base[:8192], data.queries, 32)
     assert low.calibration()[0].value == 64 < high.calibration()[0].value                 # 64: the floor
+    assert not low.calibration()[0].exact and not high.calibration()[0].exact
     got = [recall_at_k(s.search(torch.from_numpy(data.queries), 32).ids.numpy(), sub, data.base[:8192],
                        data.queries) for s in (low, high)]
-    assert 0.8 <= got[0] < got[1] and got[1] >= 0.97
-    # an ip graph of these keys tops out near 0.98 at any ef: calibration stops at the plateau, says so
-    assert high.calibration()[0].value <= 4096 and high.calibration()[0].recall < 0.995
+    assert 0.8 <= got[0] < got[1] and got[1] >= 0.96
+
+
+def test_a_target_out_of_the_graphs_reach_searches_exactly_and_says_so(data):
+    # an ip graph of these keys tops out near 0.98 at any ef (and the range stops at 256 here)
+    with pytest.warns(RuntimeWarning, match=r"hnsw: the index cannot reach recall@32 0.995 .* partition \(best "
+                                            r"recall\) 0 \(0\.9\d\d at ef \d+\) is searched exactly"):
+        store = build(data.base[:8192], target_recall=0.995)
+    cal = store.calibration()[0]
+    assert cal.exact and cal.recall < 0.995 and 64 < cal.value <= 256
+    exact = build_exact(data.base[:8192])
+    queries = torch.from_numpy(data.queries)
+    assert torch.equal(store.search(queries, 32).ids, exact.search(queries, 32).ids)
+    graph = store.search(queries, 32, ef=64).ids                                       # a knob per call: the graph
+    assert not torch.equal(graph, exact.search(queries, 32).ids)
+
+
+def build_exact(base: np.ndarray) -> kvmem.MemoryStore:
+    store = kvmem.create("exact", dim=base.shape[-1], value_dim=1, metric="ip", dtype=torch.float32)
+    store.add(torch.from_numpy(np.ascontiguousarray(base, np.float32)), torch.zeros(len(base), 1))
+    return store
 
 
 def test_fixed_ef_skips_calibration_and_calibrate_recalibrates_now(data):
@@ -165,6 +184,26 @@ def test_bad_ef_is_rejected(value):
 def test_bad_options_are_rejected(options, message):
     with pytest.raises(kvmem.InvalidInputError, match=message):
         kvmem.create("hnsw", dim=8, **options)
+
+
+def test_the_build_beam_defaults_by_metric_and_reaches_the_graph():
+    # ip is not a metric: its graph needs the wider beam to stay navigable (module docstring)
+    beams = {m: kvmem.create("hnsw", dim=8, metric=m).ef_construction for m in ("ip", "l2", "cos")}
+    assert beams == {"ip": 500, "l2": 200, "cos": 200}
+    store = build(randn(0, 100, 8).numpy(), ef_construction=40)
+    assert store.ef_construction == 40 and store._parts[0].index.ef_construction == 40
+    assert build(randn(0, 100, 8).numpy())._parts[0].index.ef_construction == 500
+
+
+def test_calibration_records_round_trip_and_malformed_ones_are_refused():
+    from kvmem.stores._calibrate import Calibration
+
+    for cal in (Calibration(96, 0.97, 5000, 32), Calibration(256, 0.9, 5000, 32, exact=True)):
+        assert Calibration.from_dict(cal.to_dict(), (64, 256)) == cal
+    good = Calibration(96, 0.97, 5000, 32).to_dict()
+    for bad in ({**good, "exact": 1}, {k: v for k, v in good.items() if k != "exact"}, {**good, "value": 512}):
+        with pytest.raises(kvmem.CorruptStoreError, match="calibration is malformed"):
+            Calibration.from_dict(bad, (64, 256))
 
 
 # ---------------------------------------------------------------------------------------------- growth, deletion

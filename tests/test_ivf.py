@@ -89,12 +89,13 @@ def test_exact_until_trained():
     check_search(store.search(queries, 10), model, queries, 10, exact=True)
 
 
+@pytest.mark.filterwarnings("ignore:ivf. the index cannot reach")     # calibration's business, not this test's
 @pytest.mark.parametrize("index, floor", [("SQ8", 0.9), ("PQ8x6", 0.7), ("IVF{nlist},PQ4x4", 0.5)])
 def test_compressed_codes_rank_and_scores_stay_exact(data, index, floor):
     base, queries = data.base[:4000], data.queries[:100]
     store = build(base, index=index, train_size=3000)
     assert store._parts[0].indexed
-    res = store.search(torch.from_numpy(queries), 32)
+    res = store.search(torch.from_numpy(queries), 32, nprobe=store._parts[0].index.nlist)   # the codes rank alone
     exact = torch.einsum("qd,qkd->qk", torch.from_numpy(queries), res.keys.float())
     torch.testing.assert_close(res.scores, exact, rtol=1e-5, atol=1e-4)
     assert recall_at_k(res.ids.numpy(), ground_truth(base, queries, 32), base, queries) >= floor
@@ -109,6 +110,22 @@ def test_trained_recall_for_l2_and_cos(data, metric):
 
 
 # ---------------------------------------------------------------------------------------------- growth
+def test_a_target_out_of_the_index_reach_searches_exactly_and_says_so():
+    # Gaussian keys in 128 dimensions have no lists to speak of: 0.95 needs most of them probed
+    base = np.random.default_rng(5).standard_normal((32_768, 128), dtype=np.float32)
+    with pytest.warns(RuntimeWarning, match=r"ivf: the index cannot reach recall@32 0.95 within the nprobe range "
+                                            r"where it beats exact search; partition \(best recall\) 0"):
+        store = build(base)
+    cal = store.calibration()[0]
+    assert store._parts[0].indexed and cal.exact and cal.recall < 0.95 and cal.value <= 724 // 8
+    exact = kvmem.create("exact", dim=128, value_dim=1, metric="ip", dtype=torch.float32)
+    exact.add(torch.from_numpy(base), torch.zeros(len(base), 1))
+    queries = torch.from_numpy(np.random.default_rng(6).standard_normal((64, 128), dtype=np.float32))
+    assert torch.equal(store.search(queries, 32).ids, exact.search(queries, 32).ids)
+    assert not torch.equal(store.search(queries, 32, nprobe=4).ids, exact.search(queries, 32).ids)   # the index
+
+
+@pytest.mark.filterwarnings("ignore:ivf. the index cannot reach")
 def test_growth_retrains_at_the_factor_and_not_without_it():
     keys = randn(2, 1, 8000, 16).numpy()
     store = build(keys[:, :1000], train_size=1000)
@@ -123,6 +140,7 @@ def test_growth_retrains_at_the_factor_and_not_without_it():
     assert fixed.calibration()[0].rows == 4000                       # recalibrated at each doubling
 
 
+@pytest.mark.filterwarnings("ignore:ivf. the index cannot reach")
 def test_fifo_turnover_retrains_and_evicted_rows_leave_the_lists():
     keys = randn(3, 1, 5000, 16)
     store = kvmem.create("ivf", dim=16, value_dim=1, dtype=torch.float32, capacity=1000, train_size=500)
@@ -139,6 +157,7 @@ def test_fifo_turnover_retrains_and_evicted_rows_leave_the_lists():
 
 
 # ---------------------------------------------------------------------------------------------- per call
+@pytest.mark.filterwarnings("ignore:ivf. the index cannot reach")
 def test_threads_with_different_nprobe_get_their_serial_results(data):
     store = build(np.stack([data.base[:6000], data.base[6000:12_000]]), partitions=2, train_size=5000)
     queries = torch.from_numpy(np.stack([data.queries[:50], data.queries[50:100]]))

@@ -21,6 +21,10 @@
   calibrations it can sag by a few thousandths; :meth:`AnnStore.calibrate`
   recalibrates at once (after a bulk load, say). Over a growing memory's life
   automatic calibration costs about 5 calibrations at its final size.
+  A partition whose index cannot reach the target within the knob's range
+  (capped where the index stops beating exact search) is searched exactly,
+  with a ``RuntimeWarning``, until a recalibration reaches it; a knob given
+  per call or fixed by option always searches the index.
 - Around a search, this thread's torch ops run on one thread
   (:func:`torch_threads`), the index library's search on all of them:
   torch's OpenMP workers spin for milliseconds after a parallel op and fight
@@ -41,6 +45,7 @@ import json
 import numbers
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,7 +57,7 @@ import torch
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError
 from kvmem.store import SearchResult
-from kvmem.stores._calibrate import Calibration, calibrate
+from kvmem.stores._calibrate import Calibration, K, calibrate
 from kvmem.tablestore import TableStore
 from kvmem.topk import NEG_INF, blocked_search, exact_scores
 
@@ -222,11 +227,25 @@ class AnnStore(TableStore):
             raise InvalidInputError(f"{self.backend} has a fixed {self.param}={self.options[self.param]}; "
                                     "create it with target_recall to calibrate")
         with self._lock.write():
-            for p in range(self.partitions):
-                if self._parts[p].indexed and self._book.counts[p] >= 2:
-                    self._calibrations[p] = calibrate(self, p, target, *self._value_range(p))
-                    self._added[p] = 0
+            self._recalibrate([p for p in range(self.partitions)
+                               if self._parts[p].indexed and self._book.counts[p] >= 2], target)
         return self.calibration()
+
+    def _recalibrate(self, partitions: list[int], target: float) -> None:
+        """Calibrate ``partitions``; warn about those whose index newly falls short of the target."""
+        short = []
+        for p in partitions:
+            last = self._calibrations[p]
+            self._calibrations[p] = cal = calibrate(self, p, target, *self._value_range(p))
+            self._added[p] = 0
+            if cal.exact and (last is None or not last.exact):
+                short.append(f"{p} ({cal.recall:.3f} at {self.param} {cal.value})")
+        if short:
+            warnings.warn(f"{self.backend}: the index cannot reach recall@{K} {target} within the {self.param} "
+                          f"range where it beats exact search; partition (best recall) {', '.join(short[:8])}"
+                          f"{' ...' if len(short) > 8 else ''} is searched exactly until a recalibration reaches "
+                          f"it. Lower target_recall, or fix {self.param}, to search the index.",
+                          RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ backend hooks
     def _new_part(self, partition: int) -> PartIndex:
@@ -261,6 +280,15 @@ class AnnStore(TableStore):
         cal = self._calibrations[partition]
         return cal.value if cal is not None else self._default_value(partition)
 
+    def _ranks(self, partition: int, params: Mapping[str, Any]) -> bool:
+        """Whether the partition's index ranks this search (else it is searched exactly): it has one,
+        and a knob is given (call or option) or its calibration reached the target."""
+        if not self._parts[partition].indexed:
+            return False
+        cal = self._calibrations[partition]
+        knob = params.get(self.param) is not None or self.options[self.param] is not None
+        return knob or cal is None or not cal.exact
+
     # ------------------------------------------------------------------ TableStore index hooks
     def _index_add(self, ids: np.ndarray, keys: torch.Tensor, evicted: list[np.ndarray]) -> None:
         keys32 = keys.float().numpy()                                                   # (P, n, dim)
@@ -288,14 +316,16 @@ class AnnStore(TableStore):
     def _after_add(self) -> None:
         target = self.target_recall
         counts = self._book.counts
+        due = []
         for p in range(self.partitions):
             rebuilt = self._maintain(p)
             if target is None or not self._parts[p].indexed or counts[p] < 2:
                 continue
             last = self._calibrations[p]
             if rebuilt or last is None or self._added[p] >= RECALIBRATE_AFTER * last.rows:
-                self._calibrations[p] = calibrate(self, p, target, *self._value_range(p))
-                self._added[p] = 0
+                due.append(p)
+        if due:
+            self._recalibrate(due, target)
 
     def _index_nbytes(self) -> int:
         return sum(part.nbytes() for part in self._parts)
@@ -305,7 +335,7 @@ class AnnStore(TableStore):
         P, q, _ = queries.shape
         counts = self._book.counts
         held = [p for p in range(P) if counts[p] and q]
-        ranked = [p for p in held if self._parts[p].indexed]
+        ranked = [p for p in held if self._ranks(p, params)]
         q32 = queries.numpy()                                                           # (P, q, dim)
         with torch_threads(getattr(self._last, "threads", torch.get_num_threads())):
             found = parallel(lambda p, threads: self._parts[p].search(q32[p], k, self._value(p, params), threads),
@@ -330,13 +360,16 @@ class AnnStore(TableStore):
         if c < k:
             slots = torch.cat([slots, slots.new_full((P, q, k - c), -1)], -1)
             c = k
-        keys = self._table.gather("keys", slots)                                       # (P, q, c, dim), 0 at -1
+        keys = self._table.gather("keys", slots)                                   # (P, q, c, dim), 0 at -1
         scores = exact_scores(queries, keys, self.metric).masked_fill(slots < 0, NEG_INF)
-        scores, order = scores.topk(k, -1)                                              # (P, q, k)
+        scores, order = scores.topk(k, -1)                                          # (P, q, k)
         best = slots.gather(-1, order).masked_fill(scores == NEG_INF, -1)
-        if c != k or not bool((order == torch.arange(k)).all()):                        # reorder only if needed
-            flat = (order + torch.arange(P * q).view(P, q, 1) * c).reshape(-1)
-            keys = keys.reshape(P * q * c, -1).index_select(0, flat).view(P, q, k, -1)
+        if c > k:
+            keys = keys.take_along_dim(order[..., None], 2)                         # (P, q, k, dim)
+        else:                                   # the index's order, but for near-ties: move those rows only
+            moved = (order != torch.arange(k)).any(-1).nonzero(as_tuple=True)      # ((m,), (m,))
+            if len(moved[0]):
+                keys[moved] = keys[moved].take_along_dim(order[moved][..., None], 1)
         if bool((best < 0).any()):
             keys = keys.masked_fill((best < 0)[..., None], 0)
         return scores, best, keys

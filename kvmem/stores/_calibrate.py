@@ -23,9 +23,16 @@ relative 1e-5 of the true k-th score (ties are not misses), as ann-benchmarks
 does. ``k`` is :data:`K` (32: a typical memory-attention top-k), or fewer when
 the partition is small. Recall is close to monotone in both knobs (IVF: more
 lists probed is a superset of candidates; HNSW: a larger beam), which the
-bisection assumes. If the target is out of reach (the knob's range ends, or
-recall stops improving: an HNSW graph under ip can plateau short of 1), the
-value where it stopped is kept, and ``calibration()`` shows the recall it got.
+bisection assumes.
+
+If the target is out of reach -- the knob's range ends (each backend caps it
+where its index stops being faster than a full exact scan), or recall stops
+improving (an HNSW graph under ip can plateau short of 1) -- the calibration
+says so (``exact=True``, with the recall the index got at the value where it
+stopped) and the partition is searched exactly until a later calibration
+reaches the target: a user who asked for a recall gets it, from the exact
+search, rather than the index's best at any price. A per-call or fixed knob
+still searches the index.
 """
 
 from __future__ import annotations
@@ -59,6 +66,7 @@ class Calibration:
     recall: float       # recall@k measured on the sample at that value
     rows: int           # rows the partition held when it was measured
     k: int              # the k of that recall (K, or fewer for a small partition)
+    exact: bool = False  # the target is out of the index's reach: the partition is searched exactly
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -69,13 +77,18 @@ class Calibration:
         if data is None:
             return None
         ints = ("value", "rows", "k")
-        ok = (isinstance(data, dict) and set(data) == {*ints, "recall"}
+        ok = (isinstance(data, dict) and set(data) == {*ints, "recall", "exact"}
               and all(isinstance(data[n], int) and not isinstance(data[n], bool) and data[n] >= 0 for n in ints)
               and isinstance(data["recall"], (int, float)) and 0 <= data["recall"] <= 1
-              and value_range[0] <= data["value"] <= value_range[1])
+              and isinstance(data["exact"], bool) and value_range[0] <= data["value"] <= value_range[1])
         if not ok:
             raise CorruptStoreError(f"index state: calibration is malformed or out of range {value_range}: {data!r}")
-        return cls(data["value"], float(data["recall"]), data["rows"], data["k"])
+        return cls(data["value"], float(data["recall"]), data["rows"], data["k"], data["exact"])
+
+
+def reaches(measured: tuple[float, float], target: float) -> bool:
+    """Whether a recall ``(mean, standard error)`` reaches ``target`` with confidence (mean less two errors)."""
+    return measured[0] - 2 * measured[1] >= target
 
 
 def smallest_value(recall_at: Callable[[int], tuple[float, float]], low: int, high: int,
@@ -90,7 +103,7 @@ def smallest_value(recall_at: Callable[[int], tuple[float, float]], low: int, hi
     """
 
     def enough(measured: tuple[float, float]) -> bool:
-        return measured[0] - 2 * measured[1] >= target
+        return reaches(measured, target)
 
     value, failed = low, low - 1
     recall = recall_at(value)
@@ -141,8 +154,8 @@ def calibrate(store: AnnStore, partition: int, target: float, low: int, high: in
         spread = float(per_query.std()) / len(per_query) ** 0.5 if len(per_query) > 1 else 0.0
         return float(per_query.mean()), spread
 
-    value, (recall, _) = smallest_value(recall_at, low, max(low, high), target)
-    return Calibration(value=value, recall=recall, rows=count, k=k)
+    value, measured = smallest_value(recall_at, low, max(low, high), target)
+    return Calibration(value=value, recall=measured[0], rows=count, k=k, exact=not reaches(measured, target))
 
 
 def _scores(store: AnnStore, p: int, queries: torch.Tensor, slots: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
