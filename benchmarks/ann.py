@@ -15,6 +15,9 @@ clustered:l2`` adds one where HNSW searches a true metric), in one process:
 - the raw library on kvmem's own index at the same ``nprobe`` / ``ef``
   (``faiss-ivf/same-index``, ``hnswlib/same-graph``): the wrapper tax, kvmem
   seconds / library seconds, both returning the top-k of the same candidates;
+  and the same search followed by what a caller of the raw library does to get
+  what kvmem returns (gather the found rows' keys and values from its own
+  arrays and score them: the memorizing-transformers way): the tax over that;
 - the raw library built the way its documentation suggests (``faiss-ivf``: IndexIVFFlat
   with the dataset's metric, kvmem's nlist, trained on 64 rows per list; ``hnswlib``:
   one ``add_items`` of every row, same M and ef_construction): its own sweep;
@@ -153,6 +156,16 @@ def _sweep(store: kvmem.MemoryStore, data: Dataset, truth: GroundTruth, config: 
         return BenchResult(name, params, build_s, per_row, qps, recall_at_k(ids, truth, data.base, queries, config.k),
                            {**common, "qps_vs_exact": qps / exact_qps, **extra})
 
+    base, column = torch.from_numpy(np.ascontiguousarray(data.base, np.float32)), torch.zeros(data.size, 1)
+
+    def fetch(ids: np.ndarray) -> np.ndarray:
+        """Keys, values and scores of the found rows, as a raw-library caller gets them (kvmem ids = rows here)."""
+        rows = torch.from_numpy(ids.astype(np.int64, copy=False)).clamp(min=0).reshape(-1)   # hnswlib: uint64
+        keys = base.index_select(0, rows).view(*ids.shape, -1)                         # (q, k, dim)
+        column.index_select(0, rows)                                                    # the values
+        torch.einsum("qd,qkd->qk", qt, keys)
+        return ids
+
     cal = store.calibration()[0]
     secs, out, _ = repeated({"kvmem": lambda: store.search(qt, config.k).ids.numpy()}, config)
     rows = [record(backend, {}, secs["kvmem"], out["kvmem"], {
@@ -162,10 +175,13 @@ def _sweep(store: kvmem.MemoryStore, data: Dataset, truth: GroundTruth, config: 
         secs, out, per_run = repeated({
             "kvmem": lambda v=value: store.search(qt, config.k, **{knob: v}).ids.numpy(),
             "same": lambda v=value: raw_same(queries, config.k, v),
+            "fetch": lambda v=value: fetch(raw_same(queries, config.k, v)),
             "peer": lambda v=value: peer_search(peer, queries, config.k, v)}, config)
         taxes = [s["kvmem"] / s["same"] for s in per_run]                     # each run against its own peer
+        fetched = float(np.median([s["kvmem"] / s["fetch"] for s in per_run]))
         rows += [record(backend, {knob: value}, secs["kvmem"], out["kvmem"],
-                        {"wrapper_tax": float(np.median(taxes)), "wrapper_tax_runs": taxes}, nbytes, build["kvmem"]),
+                        {"wrapper_tax": float(np.median(taxes)), "wrapper_tax_runs": taxes,
+                         "tax_vs_search_and_fetch": fetched}, nbytes, build["kvmem"]),
                  record(f"{peer_name}/same-index", {knob: value}, secs["same"], out["same"], {}),
                  record(peer_name, {knob: value}, secs["peer"], out["peer"],
                         {"kvmem_time_ratio": float(np.median([s["kvmem"] / s["peer"] for s in per_run]))},
@@ -216,7 +232,7 @@ def bench_hnsw(data: Dataset, truth: GroundTruth, config: AnnConfig, exact_qps: 
 
     store, build_s = build_kvmem("hnsw", data)
     part = store._parts[0]
-    peer, peer_s = build_hnswlib(data, store.options["M"], store.options["ef_construction"])
+    peer, peer_s = build_hnswlib(data, store.options["M"], store.ef_construction)
 
     def same(queries: np.ndarray, k: int, ef: int) -> np.ndarray:
         with part.gate.use(ef):                     # sets hnswlib's ef the way a raw caller would, then searches
@@ -297,13 +313,13 @@ def render(results: Sequence[BenchResult]) -> str:
                               r.bytes_per_row])
         out += [markdown_table(head, table), ""]
         head = ["knob", "kvmem recall", "kvmem QPS", "library on kvmem's index: QPS", "wrapper tax",
-                "library's own build: recall", "its QPS"]
+                "tax over search + fetch", "library's own build: recall", "its QPS"]
         for backend, peer in (("ivf", "faiss-ivf"), ("hnsw", "hnswlib")):
             swept = [r for r in rows if r.backend == backend and not r.extra.get("defaults")]
             same = {repr(r.params): r for r in rows if r.backend == f"{peer}/same-index"}
             own = {repr(r.params): r for r in rows if r.backend == peer}
             table = [[r.params, r.recall, r.qps, same[repr(r.params)].qps, f"{r.extra['wrapper_tax']:.2f}",
-                      own[repr(r.params)].recall, own[repr(r.params)].qps] for r in swept]
+                      _fetch_tax(r), own[repr(r.params)].recall, own[repr(r.params)].qps] for r in swept]
             out += [f"`{backend}` against {peer} at equal settings:", "", markdown_table(head, table), ""]
         head = ["backend", "target_recall", "knob chosen", "recall on the sample", "recall on the queries", "QPS"]
         table = [[r.backend.removesuffix("-target"), r.params["target_recall"],
@@ -311,6 +327,11 @@ def render(results: Sequence[BenchResult]) -> str:
                   r.recall, r.qps] for r in rows if r.backend.endswith("-target")]
         out += ["`target_recall` calibrated at the final size:", "", markdown_table(head, table), ""]
     return "\n".join(out)
+
+
+def _fetch_tax(r: BenchResult) -> str:
+    tax = r.extra.get("tax_vs_search_and_fetch")                  # absent from runs before it was measured
+    return "-" if tax is None else f"{tax:.2f}"
 
 
 def _last(rows: Sequence[BenchResult], backend: str) -> BenchResult:
@@ -322,7 +343,8 @@ def ratios(rows: Sequence[BenchResult]) -> str:
     lines = []
     for r in rows:
         extra = r.extra
-        bits = [f"{k}={extra[k]:.3f}" for k in ("wrapper_tax", "kvmem_time_ratio", "qps_vs_exact") if k in extra]
+        names = ("wrapper_tax", "tax_vs_search_and_fetch", "kvmem_time_ratio", "qps_vs_exact")
+        bits = [f"{k}={extra[k]:.3f}" for k in names if k in extra]
         if math.isfinite(r.build_s):
             bits.append(f"build_s_per_1M={r.build_s * 1e6 / extra['n']:.1f}")
         lines.append(f"  {r.label:40s} {r.params}  " + " ".join(bits))

@@ -162,14 +162,15 @@ class _RawIVF:
 
 
 class _RawHNSW:
-    """Raw hnswlib, M 16 and ef_construction 200 (kvmem's defaults); ef per call (hnswlib's 10 without one)."""
+    """Raw hnswlib with kvmem's M (16) and ef_construction (500 for ip); ef per call (hnswlib's 10 without one)."""
 
     def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
-        from kvmem.stores.hnsw import graph_nbytes
+        from kvmem.stores.hnsw import default_beam, graph_nbytes
 
         from .ann import build_hnswlib
 
-        self.index, _ = build_hnswlib(data, options.get("M", 16), options.get("ef_construction", 200))
+        beam = options.get("ef_construction") or default_beam(data.metric)
+        self.index, _ = build_hnswlib(data, options.get("M", 16), beam)
         self.nbytes = graph_nbytes(self.index)
 
     def search(self, queries: np.ndarray, k: int, ef: int = 10) -> np.ndarray:

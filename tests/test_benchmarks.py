@@ -36,6 +36,8 @@ def test_ann_small_runs_every_contender(tmp_path):
     assert {"exact", "ivf", "faiss-ivf", "hnsw", "hnswlib"} <= names
     assert all(0.0 <= r.recall <= 1.0 and r.qps > 0 for r in rows)
     assert [r.recall for r in rows if r.backend == "exact"] == [1.0, 1.0]
+    swept = [r for r in rows if r.backend in ("ivf", "hnsw") and r.params.keys() & {"nprobe", "ef"}]
+    assert len(swept) == 8 and all(r.extra["wrapper_tax"] > 0 < r.extra["tax_vs_search_and_fetch"] for r in swept)
     assert json.loads((tmp_path / "results.json").read_text())["results"]
     assert (tmp_path / "recall_qps_clustered_ip.png").read_bytes()[:8] == PNG
     again = [BenchResult(**dataclasses.asdict(r)) for r in rows]
