@@ -6,7 +6,8 @@
 
 Each section is one benchmark module: its measurements go to ``<out>/<section>.json``
 (a section whose JSON exists is not measured again unless ``--force``), and the
-module's ``render`` turns them into Markdown. Every figure is a median of
+module's ``render`` turns them into Markdown. A ``"note"`` added to a kept JSON file
+is printed under the section's command (say, a default that changed since that run). Every figure is a median of
 several runs, each ratio taken against the peer measured in the same run.
 """
 
@@ -196,7 +197,8 @@ def main(argv: list[str] | None = None) -> None:
         if not file.exists():
             continue
         kept = json.loads(file.read_text())
-        parts += [f"## {section.title}", "", f"`{section.command}` ({kept['seconds'] / 60:.0f} min)", "",
+        note = [f"*{kept['note']}*", ""] if kept.get("note") else []            # e.g. what changed since the run
+        parts += [f"## {section.title}", "", f"`{section.command}` ({kept['seconds'] / 60:.0f} min)", "", *note,
                   section.render(kept["data"]), *_plots(out / name, Path(args.page).parent / "plots", name)]
     Path(args.page).write_text("\n".join(parts))
     print(f"wrote {args.page}")

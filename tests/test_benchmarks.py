@@ -74,9 +74,10 @@ def test_lmdb_bench_small(tmp_path):
 
 def test_make_results_renders_the_page_from_kept_json(tmp_path):
     data = exact_flat.main(["--n", "2000", "--dim", "8", "--k", "4", "--queries", "8", "--rounds", "1"])
-    (tmp_path / "exact.json").write_text(json.dumps({"seconds": 60, "data": data}))
+    (tmp_path / "exact.json").write_text(json.dumps({"seconds": 60, "data": data, "note": "Measured before X."}))
     page = tmp_path / "RESULTS.md"
     make_results.main(["--out", str(tmp_path), "--render-only", "--page", str(page)])
     text = page.read_text()
     assert text.startswith("# kvmem benchmark results") and make_results.SECTIONS["exact"].title in text
     assert "Machine:" in text and not math.isnan(data["batched"]["ratio"]["float32"])
+    assert "(1 min)\n\n*Measured before X.*\n" in text
