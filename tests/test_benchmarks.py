@@ -28,6 +28,7 @@ def test_exact_flat_small(tmp_path):
     assert "time / faiss" in text and "One query at a time" in text
 
 
+@pytest.mark.filterwarnings("ignore:(ivf|hnsw). the index cannot reach")   # tiny Gaussian data: exact, rightly
 def test_ann_small_runs_every_contender(tmp_path):
     config = ann.AnnConfig(size=3000, dim=16, queries=30, k=5, datasets=("clustered", "gaussian:l2"),
                            nprobes=(1, 8), efs=(32, 64), targets=(0.95,), repeats=1, runs=1, out=tmp_path)

@@ -67,6 +67,7 @@ T = TypeVar("T")
 DEFAULT_TARGET = 0.95       # recall@32 aimed at when the user fixes neither the knob nor target_recall
 RECALIBRATE_AFTER = 0.25    # rows added since the last calibration, as a fraction of the rows held then
 _META_LIMIT = 16 << 20      # bytes; the state file is a few KB per thousand partitions
+_RESCORE_CHUNK = 1 << 18    # key elements (1 MB of float32) per rescoring task, at least
 
 # ---------------------------------------------------------------------------------------------- threads
 _pool: ThreadPoolExecutor | None = None
@@ -355,24 +356,58 @@ class AnnStore(TableStore):
 
     def _rescore_keys(self, queries: torch.Tensor, slots: torch.Tensor,
                       k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`TableStore._rescore`, also returning the keys ``(P, q, k, dim)`` of the best slots."""
+        """:meth:`TableStore._rescore`, also returning the keys ``(P, q, k, dim)`` of the best slots.
+
+        Each query's candidates are gathered (straight into the result when there are k), scored and
+        ranked in one pass over chunks of queries, and only the queries whose order changed are
+        reordered. The chunks are spread over the shared pool: pool threads, not torch's OpenMP
+        workers, whose spinning would slow the index library's next search.
+        """
         P, q, c = slots.shape
         if c < k:
             slots = torch.cat([slots, slots.new_full((P, q, k - c), -1)], -1)
             c = k
-        keys = self._table.gather("keys", slots)                                   # (P, q, c, dim), 0 at -1
-        scores = exact_scores(queries, keys, self.metric).masked_fill(slots < 0, NEG_INF)
-        scores, order = scores.topk(k, -1)                                          # (P, q, k)
-        best = slots.gather(-1, order).masked_fill(scores == NEG_INF, -1)
-        if c > k:
-            keys = keys.take_along_dim(order[..., None], 2)                         # (P, q, k, dim)
-        else:                                   # the index's order, but for near-ties: move those rows only
-            moved = (order != torch.arange(k)).any(-1).nonzero(as_tuple=True)      # ((m,), (m,))
-            if len(moved[0]):
-                keys[moved] = keys[moved].take_along_dim(order[moved][..., None], 1)
+        col = self._table.data["keys"]                                                 # (P, S, dim)
+        S, dim = col.shape[1], col.shape[2]
+        rows = slots.reshape(P * q, c)
+        where = (rows.clamp(min=0) + torch.arange(P).repeat_interleave(q)[:, None] * S)   # (P q, c) into flat
+        flat, qs = col.view(P * S, dim), queries.reshape(P * q, dim)
+        if not S:                                                   # no row reserved yet: all candidates are -1
+            flat, where = torch.zeros(1, dim, dtype=col.dtype), torch.zeros_like(rows)
+        scores, best = torch.empty(P * q, k), torch.empty(P * q, k, dtype=torch.int64)
+        keys = torch.empty(P * q, k, dim, dtype=col.dtype)
+
+        def chunk(lo: int, hi: int) -> None:
+            with torch_threads(1):
+                n = hi - lo
+                got = keys[lo:hi] if c == k else torch.empty(n, c, dim, dtype=col.dtype)   # k candidates: in place
+                torch.index_select(flat, 0, where[lo:hi].reshape(-1), out=got.view(-1, dim))
+                missing = rows[lo:hi] < 0
+                part = exact_scores(qs[None, lo:hi], got[None], self.metric)[0].masked_fill(missing, NEG_INF)
+                top, order = part.topk(k, -1)                                          # (n, k)
+                scores[lo:hi] = top
+                best[lo:hi] = rows[lo:hi].gather(-1, order).masked_fill(top == NEG_INF, -1)
+                if c > k:
+                    pick = (order + torch.arange(n)[:, None] * c).reshape(-1)
+                    torch.index_select(got.view(-1, dim), 0, pick, out=keys[lo:hi].view(-1, dim))
+                    return
+                moved = (order != torch.arange(k)).any(-1).nonzero().view(-1)          # near-ties the index
+                if len(moved):                                                          # ordered otherwise
+                    pick = (order.index_select(0, moved) + torch.arange(len(moved))[:, None] * k).reshape(-1)
+                    fixed = got.index_select(0, moved).view(-1, dim).index_select(0, pick)
+                    got.index_copy_(0, moved, fixed.view(len(moved), k, dim))
+
+        n = P * q
+        pieces = min(cpus(), max(1, n * c * dim // _RESCORE_CHUNK))
+        bounds = [n * i // pieces for i in range(pieces + 1)]
+        if pieces == 1:
+            chunk(0, n)
+        else:
+            list(_shared_pool().map(lambda i: chunk(bounds[i], bounds[i + 1]), range(pieces)))
+        best, keys = best.view(P, q, k), keys.view(P, q, k, dim)
         if bool((best < 0).any()):
-            keys = keys.masked_fill((best < 0)[..., None], 0)
-        return scores, best, keys
+            keys.masked_fill_((best < 0)[..., None], 0)
+        return scores.view(P, q, k), best, keys
 
     def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         last, self._last.result = getattr(self._last, "result", None), None
