@@ -12,7 +12,7 @@ import json
 import math
 
 import pytest
-from kvmem.benchmarks import adapter_forward, ann, exact_flat, lmdb_bench, lookup, make_results
+from kvmem.benchmarks import adapter_forward, ann, exact_flat, hnsw_beam, lmdb_bench, lookup, make_results
 from kvmem.benchmarks.report import BenchResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -43,6 +43,15 @@ def test_ann_small_runs_every_contender(tmp_path):
     assert (tmp_path / "recall_qps_clustered_ip.png").read_bytes()[:8] == PNG
     again = [BenchResult(**dataclasses.asdict(r)) for r in rows]
     assert "metric l2" in ann.render(again) and "metric ip" in ann.render(again)
+
+
+def test_hnsw_beam_small_every_space(capsys):
+    rows = hnsw_beam.main(["--size", "2000", "--dim", "16", "--queries", "40", "--k", "5", "--efs", "16,200",
+                           "--variants", "ip:8:100,lift:8:100,cosine:8:100,l2:8:100"])
+    assert len(rows) == 8 and all(r["qps"] > 0 and r["build_s"] > 0 for r in rows)
+    recall = {(r["variant"], r["ef"]): r["recall"] for r in rows}
+    assert all(recall[v, 200] >= 0.95 for v in ("ip:8:100", "lift:8:100"))    # 2000 rows: ef 200 is near exact
+    assert all(0 <= r <= 1 for r in recall.values()) and "lift:8:100" in capsys.readouterr().out
 
 
 def test_lookup_small_every_backend(tmp_path):
