@@ -20,7 +20,8 @@ per partition is kept in files beside the data, caught up from LMDB on open
 
 Options:
     index: None (exact search), ``"hnsw"`` (hnswlib) or ``"ivf"`` (faiss IVF-Flat).
-    M, ef_construction: the hnsw graph's degree and build beam (16, 200).
+    M, ef_construction: the hnsw graph's degree and build beam (16; None: as the ``hnsw`` backend,
+        500 for ip and 200 for l2 / cos).
     ef: hnsw search beam (default max(64, 2k)); nlist: ivf lists (default about 4 sqrt(N), trained
         at 32768 rows, or 39 per list when given); nprobe: ivf lists searched (default nlist/16, at least 16).
     block_rows: rows per block, a multiple of 16 (default 4096). Bigger blocks stream a little
@@ -88,7 +89,7 @@ class LMDBStore(MemoryStore):
     backend = "lmdb"
     defaults = {"index": None, "block_rows": 4096, "ranking": "auto", "block_elems": None,
                 "map_size": 1 << 28, "max_map_size": None,
-                "M": 16, "ef_construction": 200, "ef": None, "nlist": None, "nprobe": None}
+                "M": 16, "ef_construction": None, "ef": None, "nlist": None, "nprobe": None}
 
     def __init__(self, config: StoreConfig, device: torch.device, path: Path, shared: SharedEnv,
                  state: State, ids: list[np.ndarray]) -> None:
@@ -129,7 +130,7 @@ class LMDBStore(MemoryStore):
         _int_option(options, "map_size", 1 << 20)
         _int_option(options, "max_map_size", options["map_size"], none=True)
         _int_option(options, "M", 2)
-        _int_option(options, "ef_construction", 1)
+        _int_option(options, "ef_construction", 1, none=True)
         for name in ("ef", "nlist", "nprobe"):
             _int_option(options, name, 1, none=True)
 
