@@ -58,8 +58,9 @@ from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError
 from kvmem.store import SearchResult
 from kvmem.stores._calibrate import Calibration, K, calibrate
+from kvmem.stores.exact import TableKeys, sqnorm_column, sqnorm_rows
 from kvmem.tablestore import TableStore
-from kvmem.topk import NEG_INF, blocked_search, exact_scores
+from kvmem.topk import NEG_INF, blocked_search, exact_scores, rank_dtype_for
 
 __all__ = ["AnnStore", "PartIndex", "parallel", "check_int", "check_recall", "read_meta"]
 
@@ -248,6 +249,12 @@ class AnnStore(TableStore):
                           f"it. Lower target_recall, or fix {self.param}, to search the index.",
                           RuntimeWarning, stacklevel=4)
 
+    def _extra_columns(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return sqnorm_column()                                  # for exact search, as the exact backend's
+
+    def _extra_rows(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        return sqnorm_rows(keys)
+
     # ------------------------------------------------------------------ backend hooks
     def _new_part(self, partition: int) -> PartIndex:
         raise NotImplementedError
@@ -417,8 +424,10 @@ class AnnStore(TableStore):
         return ids, last[1], self._table.gather("values", slots)
 
     def exact_slots(self, queries: torch.Tensor, partitions: list[int], k: int) -> torch.Tensor:
-        """Slots ``(len(partitions), q, k)`` of the exact top-k of ``queries (len(partitions), q, dim)``."""
-        _, slots = blocked_search(_PartitionKeys(self, partitions), queries, k, self.metric)
+        """Slots ``(len(partitions), q, k)`` of the exact top-k of ``queries (len(partitions), q, dim)``,
+        searched as the ``exact`` backend searches (certified bfloat16 ranking where it pays)."""
+        rank = rank_dtype_for("auto", queries.shape[1], self.dtype, self.metric, self.device)
+        _, slots = blocked_search(TableKeys(self, partitions), queries, k, self.metric, rank_dtype=rank)
         return slots
 
     # ------------------------------------------------------------------ persistence
@@ -456,42 +465,3 @@ class AnnStore(TableStore):
             self._parts[p] = self._part_load(p, state, None if entry is None else directory / entry["name"])
             self._calibrations[p] = Calibration.from_dict(state.get("calibration"), self._value_range(p))
             self._added[p] = meta_int(state, "added")
-
-
-class _PartitionKeys:
-    """Some partitions of a store's key column as a :class:`kvmem.topk.KeySource`."""
-
-    def __init__(self, store: AnnStore, partitions: list[int]) -> None:
-        self._keys = store._table.data["keys"]
-        self._index = torch.as_tensor(partitions)
-        self._counts = store._book.counts[partitions]
-        self.partitions = len(partitions)
-        self.device = store.device
-        self.dtype = store.dtype
-
-    def counts(self) -> np.ndarray:
-        return self._counts
-
-    def _rows(self, first: int, rows: int) -> torch.Tensor:
-        if self.partitions == 1:
-            p = int(self._index[0])
-            return self._keys[p:p + 1, first:first + rows]                             # (1, b, dim), a view
-        return self._keys[self._index, first:first + rows]                             # (P', b, dim)
-
-    def blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        for first in range(0, int(self._counts.max(initial=0)), rows):
-            keys = self._rows(first, rows)
-            yield first, keys, keys.float().pow(2).sum(-1)
-
-    def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        P, S = self._keys.shape[:2]
-        offset = (self._index * S).view(-1, *([1] * (slots.dim() - 1)))
-        flat = self._keys.reshape(P * S, -1)
-        out = flat.index_select(0, (slots.clamp(min=0) + offset).reshape(-1)).reshape(*slots.shape, -1)
-        return out.masked_fill((slots < 0)[..., None], 0)
-
-    def max_sqnorm(self) -> torch.Tensor:
-        best = torch.zeros(self.partitions)
-        for _, _, sqnorm in self.blocks(1 << 16):
-            best = torch.maximum(best, sqnorm.amax(1))
-        return best

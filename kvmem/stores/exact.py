@@ -27,9 +27,20 @@ from kvmem.errors import InvalidInputError
 from kvmem.tablestore import TableStore
 from kvmem.topk import blocked_search, rank_dtype_for
 
-__all__ = ["ExactStore"]
+__all__ = ["ExactStore", "TableKeys", "sqnorm_column", "sqnorm_rows"]
 
 _RANKINGS = ("auto", "bf16", "fp32")
+
+
+def sqnorm_column() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The extra column :class:`TableKeys` reads: ``|k|^2`` of the stored key (l2 bias, cos norm,
+    the bfloat16 ranking's certificate bound)."""
+    return {"sqnorm": ((), torch.float32)}
+
+
+def sqnorm_rows(keys: torch.Tensor) -> dict[str, torch.Tensor]:
+    """That column's values for stored ``keys (P, n, dim)``."""
+    return {"sqnorm": keys.float().pow(2).sum(-1)}
 
 
 class ExactStore(TableStore):
@@ -49,41 +60,61 @@ class ExactStore(TableStore):
             raise InvalidInputError(f"exact option block_elems must be an int >= 1024 or None; got {elems!r}")
 
     def _extra_columns(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {"sqnorm": ((), torch.float32)}  # |k|^2 of the stored key: l2 bias, cos norm, certificate bound
+        return sqnorm_column()
 
     def _extra_rows(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"sqnorm": keys.float().pow(2).sum(-1)}
+        return sqnorm_rows(keys)
 
     def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         rank = rank_dtype_for(self.options["ranking"], queries.shape[1], self.dtype, self.metric, self.device)
-        return blocked_search(_TableKeys(self), queries, k, self.metric, rank_dtype=rank,
+        return blocked_search(TableKeys(self), queries, k, self.metric, rank_dtype=rank,
                               block_elems=self.options["block_elems"])
 
 
-class _TableKeys:
-    """The key column of an exact store as a :class:`~kvmem.topk.KeySource`."""
+class TableKeys:
+    """The key column of a table store (all partitions, or some) as a :class:`~kvmem.topk.KeySource`.
 
-    def __init__(self, store: ExactStore) -> None:
+    The store keeps ``|k|^2`` of every key in a ``sqnorm`` column (:func:`sqnorm_column`).
+    """
+
+    def __init__(self, store: TableStore, partitions: list[int] | None = None) -> None:
+        if partitions is not None and list(partitions) == list(range(store.partitions)):
+            partitions = None                                                           # all: views, no copies
         self._table = store._table
-        self._counts = store._book.counts
-        self.partitions = store.partitions
+        self._pick = None if partitions is None else torch.as_tensor(partitions, device=store.device)
+        self._counts = store._book.counts if partitions is None else store._book.counts[partitions]
+        self.partitions = store.partitions if partitions is None else len(partitions)
         self.device = store.device
         self.dtype = store.dtype
+
+    def _column(self, name: str, first: int, rows: int) -> torch.Tensor:
+        col = self._table.data[name]
+        if self._pick is None:
+            return col[:, first:first + rows]                                           # a view
+        if len(self._pick) == 1:
+            p = int(self._pick[0])
+            return col[p:p + 1, first:first + rows]                                     # a view
+        return col[self._pick, first:first + rows]                                      # (P', b, ...), a copy
 
     def counts(self) -> np.ndarray:
         return self._counts
 
     def blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        keys, sqnorm = self._table.data["keys"], self._table.data["sqnorm"]
         for first in range(0, int(self._counts.max(initial=0)), rows):
-            yield first, keys[:, first:first + rows], sqnorm[:, first:first + rows]
+            yield first, self._column("keys", first, rows), self._column("sqnorm", first, rows)
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        return self._table.gather("keys", slots)
+        if self._pick is None:
+            return self._table.gather("keys", slots)
+        col = self._table.data["keys"]
+        P, S = col.shape[:2]
+        offset = (self._pick * S).view(-1, *([1] * (slots.dim() - 1)))
+        out = col.reshape(P * S, -1).index_select(0, (slots.clamp(min=0) + offset).reshape(-1))
+        return out.reshape(*slots.shape, -1).masked_fill((slots < 0)[..., None], 0)
 
     def max_sqnorm(self) -> torch.Tensor:
         top = int(self._counts.max(initial=0))
-        sq = self._table.data["sqnorm"][:, :top]
+        sq = self._column("sqnorm", 0, top)
         counts = torch.as_tensor(self._counts, device=self.device)[:, None]
         held = torch.arange(top, device=self.device)[None, :] < counts
         return sq.masked_fill(~held, 0).amax(1) if top else torch.zeros(self.partitions, device=self.device)
