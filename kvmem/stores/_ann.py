@@ -26,7 +26,8 @@
   with a ``RuntimeWarning``, until a recalibration reaches it; a knob given
   per call or fixed by option always searches the index.
 - Around a search, this thread's torch ops run on one thread
-  (:func:`torch_threads`), the index library's search on all of them:
+  (:func:`torch_threads`), the index library's search, and the exact search
+  of partitions without a usable index, on all of them:
   torch's OpenMP workers spin for milliseconds after a parallel op and fight
   the library's threads for the cores (a 500-query hnswlib search took 1.4x
   as long right after a parallel torch op on a 2-core machine). The ops
@@ -356,7 +357,8 @@ class AnnStore(TableStore):
         slots = torch.from_numpy(self._book.slots_of(ids.reshape(P, q * width)).reshape(P, q, width))
         exact = [p for p in held if p not in ranked] + [p for p, f in zip(ranked, found) if f is None]
         if exact:
-            slots[exact, :, :k] = self.exact_slots(queries[exact], exact, k)
+            with torch_threads(getattr(self._last, "threads", torch.get_num_threads())):   # as the exact backend
+                slots[exact, :, :k] = self.exact_slots(queries[exact], exact, k)
         scores, best, keys = self._rescore_keys(queries, slots, k)
         self._last.result = (best, keys)
         return scores, best
