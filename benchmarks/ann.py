@@ -310,7 +310,7 @@ def render(results: Sequence[BenchResult]) -> str:
             if r.backend == "exact" or r.extra.get("defaults"):
                 knob = {k: v for k, v in {**r.params, **r.extra}.items() if k in ("nprobe", "ef", "nlist")}
                 if _searched_exactly(r):
-                    knob = f"{knob}: 0.95 out of reach, searched exactly"
+                    knob = ",".join(f"{k}={v}" for k, v in knob.items()) + ": 0.95 out of reach, searched exactly"
                 table.append([r.backend + ("" if r.backend == "exact" else " (defaults)"), knob or "-", r.recall,
                               r.qps, f"{r.extra.get('qps_vs_exact', 1.0):.1f}", r.build_s * 1e6 / r.extra["n"],
                               r.bytes_per_row])
