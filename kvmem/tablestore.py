@@ -2,8 +2,8 @@
 
 A subclass only ranks. ``exact`` ranks by brute force over the key column;
 the approximate backends keep an index whose labels are kvmem ids, override
-the ``_index_*`` hooks, and return candidates through :meth:`_rescore`, which
-recomputes their scores exactly from the stored keys.
+the ``_index_*`` hooks, and recompute their candidates' scores exactly from the
+stored keys (:class:`kvmem.stores._ann.AnnStore`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from kvmem.errors import CorruptStoreError, map_errors
 from kvmem.idbook import AddPlan, RemovePlan
 from kvmem.store import MemoryStore
 from kvmem.table import RowTable
-from kvmem.topk import NEG_INF, exact_scores
 
 __all__ = ["TableStore"]
 
@@ -83,16 +82,6 @@ class TableStore(MemoryStore):
         slots = slots.to(self.device)
         ids = self._table.gather("ids", slots).masked_fill(slots < 0, -1)
         return ids, self._table.gather("keys", slots), self._table.gather("values", slots)
-
-    def _rescore(self, queries: torch.Tensor, slots: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact scores of candidate ``slots (P, q, c)``, best ``k`` first, padded with ``-1``."""
-        P, q, c = slots.shape
-        if c < k:
-            slots = torch.cat([slots, slots.new_full((P, q, k - c), -1)], -1)
-        scores = exact_scores(queries, self._table.gather("keys", slots), self.metric)
-        scores = scores.masked_fill(slots < 0, NEG_INF)
-        scores, order = scores.topk(k, -1)
-        return scores, slots.gather(-1, order).masked_fill(scores == NEG_INF, -1)
 
     def nbytes(self) -> int:
         return self._table.nbytes() + self._index_nbytes()

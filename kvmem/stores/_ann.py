@@ -365,7 +365,8 @@ class AnnStore(TableStore):
 
     def _rescore_keys(self, queries: torch.Tensor, slots: torch.Tensor,
                       k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`TableStore._rescore`, also returning the keys ``(P, q, k, dim)`` of the best slots.
+        """Exact scores ``(P, q, k)`` of candidate ``slots (P, q, c)``, best first, the best slots
+        (``-1`` padded) and their keys ``(P, q, k, dim)``.
 
         Each query's candidates are gathered (straight into the result when there are k), scored and
         ranked in one pass over chunks of queries, and only the queries whose order changed are
