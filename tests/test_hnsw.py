@@ -69,13 +69,14 @@ def test_defaults_reach_095_recall_on_clustered_keys(store, data, truth):
 
 
 def test_target_recall_moves_ef_both_ways(data, truth):
-    low, high = build(data.base[:8192], target_recall=0.8), build(data.base[:8192], target_recall=0.97)
+    # 8192 rows: ef 64 (the floor) gives ~0.95 and the range ends at 256 (~0.97): 0.955 lies in between
+    low, high = build(data.base[:8192], target_recall=0.8), build(data.base[:8192], target_recall=0.955)
     sub = ground_truth(data.base[:8192], data.queries, 32)
     assert low.calibration()[0].value == 64 < high.calibration()[0].value                 # 64: the floor
     assert not low.calibration()[0].exact and not high.calibration()[0].exact
     got = [recall_at_k(s.search(torch.from_numpy(data.queries), 32).ids.numpy(), sub, data.base[:8192],
                        data.queries) for s in (low, high)]
-    assert 0.8 <= got[0] < got[1] and got[1] >= 0.96
+    assert 0.8 <= got[0] < got[1] and got[1] >= 0.95
 
 
 def test_a_target_out_of_the_graphs_reach_searches_exactly_and_says_so(data):
