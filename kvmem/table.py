@@ -74,16 +74,27 @@ class RowTable:
         for col in self.data.values():
             col[partition, d] = col[partition, s]
 
-    def gather(self, name: str, slots: torch.Tensor) -> torch.Tensor:
-        """Column rows at ``slots (P, *shape)`` (``-1``: zeros) -> ``(P, *shape, *tail)``."""
+    def flat(self, name: str) -> torch.Tensor:
+        """The column as ``(P * S, *tail)`` rows (a view): row ``p * S + slot`` is slot ``slot`` of partition ``p``."""
         col = self.data[name]
-        P, S = col.shape[:2]
-        if S == 0:
+        return col.reshape(col.shape[0] * col.shape[1], *col.shape[2:])
+
+    def flat_rows(self, slots: torch.Tensor, partitions: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows of :meth:`flat` for ``slots (P', *shape)`` of ``partitions`` (default all); ``-1`` maps
+        to the partition's slot 0 (mask it)."""
+        S = next(iter(self.data.values())).shape[1]
+        base = torch.arange(self.partitions, device=slots.device) if partitions is None else partitions.to(slots.device)
+        return (slots.clamp(min=0) + (base * S).view(-1, *([1] * (slots.dim() - 1)))).to(self.device)
+
+    def gather(self, name: str, slots: torch.Tensor, partitions: torch.Tensor | None = None) -> torch.Tensor:
+        """Column rows at ``slots (P', *shape)`` of ``partitions`` (default all; ``-1``: zeros)
+        -> ``(P', *shape, *tail)``."""
+        col = self.data[name]
+        if col.shape[1] == 0:
             return torch.zeros((*slots.shape, *col.shape[2:]), dtype=col.dtype, device=self.device)
-        flat = col.reshape(P * S, *col.shape[2:])
-        offset = (torch.arange(P, device=slots.device) * S).view(P, *([1] * (slots.dim() - 1)))
-        index = (slots.clamp(min=0) + offset).to(self.device)
-        out = flat.index_select(0, index.reshape(-1)).reshape(*slots.shape, *col.shape[2:])  # flat[index]: 6x slower
+        index = self.flat_rows(slots, partitions)
+        out = self.flat(name).index_select(0, index.reshape(-1))                       # flat[index]: 6x slower
+        out = out.reshape(*slots.shape, *col.shape[2:])
         missing = (slots < 0).to(self.device)
         if bool(missing.any()):
             out[missing] = 0

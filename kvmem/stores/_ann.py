@@ -208,6 +208,10 @@ class AnnStore(TableStore):
         with torch_threads(1):
             return super().search(queries, k, **params)
 
+    def _caller_threads(self) -> int:
+        """The torch threads of this search's caller (:meth:`search` runs the small ops on one)."""
+        return getattr(self._last, "threads", torch.get_num_threads())
+
     @property
     def target_recall(self) -> float | None:
         """The recall@32 calibration aims for; None when the knob is fixed by an option."""
@@ -346,7 +350,7 @@ class AnnStore(TableStore):
         held = [p for p in range(P) if counts[p] and q]
         ranked = [p for p in held if self._ranks(p, params)]
         q32 = queries.numpy()                                                           # (P, q, dim)
-        with torch_threads(getattr(self._last, "threads", torch.get_num_threads())):
+        with torch_threads(self._caller_threads()):
             found = parallel(lambda p, threads: self._parts[p].search(q32[p], k, self._value(p, params), threads),
                              ranked)
         width = max([k, *(f.shape[1] for f in found if f is not None)])
@@ -357,7 +361,7 @@ class AnnStore(TableStore):
         slots = torch.from_numpy(self._book.slots_of(ids.reshape(P, q * width)).reshape(P, q, width))
         exact = [p for p in held if p not in ranked] + [p for p, f in zip(ranked, found) if f is None]
         if exact:
-            with torch_threads(getattr(self._last, "threads", torch.get_num_threads())):   # as the exact backend
+            with torch_threads(self._caller_threads()):                                # as the exact backend
                 slots[exact, :, :k] = self.exact_slots(queries[exact], exact, k)
         scores, best, keys = self._rescore_keys(queries, slots, k)
         self._last.result = (best, keys)
@@ -380,8 +384,8 @@ class AnnStore(TableStore):
         col = self._table.data["keys"]                                                 # (P, S, dim)
         S, dim = col.shape[1], col.shape[2]
         rows = slots.reshape(P * q, c)
-        where = (rows.clamp(min=0) + torch.arange(P).repeat_interleave(q)[:, None] * S)   # (P q, c) into flat
-        flat, qs = col.view(P * S, dim), queries.reshape(P * q, dim)
+        where = self._table.flat_rows(slots).reshape(P * q, c)                          # rows of flat
+        flat, qs = self._table.flat("keys"), queries.reshape(P * q, dim)
         if not S:                                                   # no row reserved yet: all candidates are -1
             flat, where = torch.zeros(1, dim, dtype=col.dtype), torch.zeros_like(rows)
         scores, best = torch.empty(P * q, k), torch.empty(P * q, k, dtype=torch.int64)

@@ -104,13 +104,7 @@ class TableKeys:
             yield first, self._column("keys", first, rows), self._column("sqnorm", first, rows)
 
     def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        if self._pick is None:
-            return self._table.gather("keys", slots)
-        col = self._table.data["keys"]
-        P, S = col.shape[:2]
-        offset = (self._pick * S).view(-1, *([1] * (slots.dim() - 1)))
-        out = col.reshape(P * S, -1).index_select(0, (slots.clamp(min=0) + offset).reshape(-1))
-        return out.reshape(*slots.shape, -1).masked_fill((slots < 0)[..., None], 0)
+        return self._table.gather("keys", slots, self._pick)
 
     def max_sqnorm(self) -> torch.Tensor:
         top = int(self._counts.max(initial=0))
