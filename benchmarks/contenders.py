@@ -165,11 +165,11 @@ class _RawHNSW:
     """Raw hnswlib with kvmem's M (16) and ef_construction (500 for ip); ef per call (hnswlib's 10 without one)."""
 
     def __init__(self, data: Dataset, options: Mapping[str, Any]) -> None:
-        from kvmem.stores.hnsw import default_beam, graph_nbytes
+        from kvmem.stores.hnsw import build_beam, graph_nbytes
 
         from .ann import build_hnswlib
 
-        beam = options.get("ef_construction") or default_beam(data.metric)
+        beam = build_beam(data.metric, options.get("ef_construction"))
         self.index, _ = build_hnswlib(data, options.get("M", 16), beam)
         self.nbytes = graph_nbytes(self.index)
 

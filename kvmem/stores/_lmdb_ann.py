@@ -51,12 +51,12 @@ class HnswPart:
 
         self.metric, self.capacity, self.live = metric, capacity, live
         if index is None:
-            from kvmem.stores.hnsw import default_beam
+            from kvmem.stores.hnsw import build_beam
 
             index = hnswlib.Index(space="l2" if metric == "l2" else "ip", dim=dim)
             with map_errors("hnsw init"):
                 index.init_index(max_elements=min(_FIRST_SIZE, capacity or _FIRST_SIZE), M=options["M"],
-                                 ef_construction=options["ef_construction"] or default_beam(metric), random_seed=100,
+                                 ef_construction=build_beam(metric, options["ef_construction"]), random_seed=100,
                                  allow_replace_deleted=True)
         self.index = index
         self._ef_lock = threading.Lock()

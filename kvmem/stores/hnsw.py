@@ -51,7 +51,7 @@ from kvmem.errors import CorruptStoreError, InvalidInputError, map_errors
 from kvmem.stores._ann import AnnStore, check_int, check_recall, meta_int
 from kvmem.stores._hnswfile import check_hnsw_file
 
-__all__ = ["HNSWStore", "add_to_graph", "default_beam", "graph_nbytes", "remove_from_graph"]
+__all__ = ["HNSWStore", "add_to_graph", "build_beam", "graph_nbytes", "remove_from_graph"]
 
 _FIRST_SIZE = 1024
 _GROWTH = 1.5
@@ -168,9 +168,9 @@ def remove_from_graph(index: hnswlib.Index, ids: np.ndarray) -> None:
             index.mark_deleted(label)
 
 
-def default_beam(metric: str) -> int:
-    """ef_construction when the option is None: 500 for ip, hnswlib's 200 otherwise (module docstring)."""
-    return _BEAM.get(metric, 200)
+def build_beam(metric: str, option: int | None) -> int:
+    """ef_construction: the option, else 500 for ip and hnswlib's 200 otherwise (module docstring)."""
+    return option or _BEAM.get(metric, 200)
 
 
 def graph_nbytes(index: hnswlib.Index) -> int:
@@ -207,7 +207,7 @@ class HNSWStore(AnnStore):
     @property
     def ef_construction(self) -> int:
         """The build beam: the option, else the metric's default (see the module docstring)."""
-        return self.options["ef_construction"] or default_beam(self.metric)
+        return build_beam(self.metric, self.options["ef_construction"])
 
     # ------------------------------------------------------------------ AnnStore hooks
     def _new_part(self, partition: int) -> _HNSWPart:
