@@ -202,7 +202,9 @@ def test_calibration_records_round_trip_and_malformed_ones_are_refused():
     for cal in (Calibration(96, 0.97, 5000, 32), Calibration(256, 0.9, 5000, 32, exact=True)):
         assert Calibration.from_dict(cal.to_dict(), (64, 256)) == cal
     good = Calibration(96, 0.97, 5000, 32).to_dict()
-    for bad in ({**good, "exact": 1}, {k: v for k, v in good.items() if k != "exact"}, {**good, "value": 512}):
+    older = {k: v for k, v in good.items() if k != "exact"}                 # a store saved before the flag
+    assert Calibration.from_dict(older, (64, 256)) == Calibration(96, 0.97, 5000, 32, exact=False)
+    for bad in ({**good, "exact": 1}, {k: v for k, v in good.items() if k != "rows"}, {**good, "value": 512}):
         with pytest.raises(kvmem.CorruptStoreError, match="calibration is malformed"):
             Calibration.from_dict(bad, (64, 256))
 

@@ -77,6 +77,8 @@ class Calibration:
         if data is None:
             return None
         ints = ("value", "rows", "k")
+        if isinstance(data, dict) and "exact" not in data:
+            data = {**data, "exact": False}         # saved before the flag: the index was always searched
         ok = (isinstance(data, dict) and set(data) == {*ints, "recall", "exact"}
               and all(isinstance(data[n], int) and not isinstance(data[n], bool) and data[n] >= 0 for n in ints)
               and isinstance(data["recall"], (int, float)) and 0 <= data["recall"] <= 1
