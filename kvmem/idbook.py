@@ -120,27 +120,28 @@ class IdBook:
 
     def slots_of(self, ids: np.ndarray) -> np.ndarray:
         """Slots ``(P, m)`` of live ids ``(P, m)``; ``-1`` stays ``-1``. Unknown ids raise."""
-        slots = np.full(ids.shape, -1, np.int64)
-        for p, part in enumerate(self._parts):
-            row = ids[p]
-            mask = row >= 0
-            if not mask.any():
-                continue
-            want = row[mask]
-            rel = want - part.base
-            if rel.min() >= 0 and rel.max() < len(part.slot_of.view):                 # the usual case: one gather
-                found = part.slot_of.view[rel]
-            else:
-                inside = (rel >= 0) & (rel < len(part.slot_of.view))
-                found = np.full(len(want), -1, np.int64)
-                found[inside] = part.slot_of.view[rel[inside]]
-            if (found < 0).any():
-                bad = int(want[found < 0][0])
+        return np.stack([self.slots_in(p, ids[p]) for p in range(self.partitions)]) if self.partitions \
+            else np.empty(ids.shape, np.int64)
+
+    def slots_in(self, partition: int, ids: np.ndarray) -> np.ndarray:
+        """Slots of live ids ``(...)`` of one partition, same shape; ``-1`` stays ``-1``. Unknown ids raise."""
+        part = self._parts[partition]
+        table = part.slot_of.view
+        rel = ids - part.base
+        if rel.size and rel.min() >= 0 and rel.max() < len(table):                   # no -1, all in range
+            slots = table[rel]                                                          # the usual case: one gather
+        else:
+            inside = (rel >= 0) & (rel < len(table))
+            slots = np.full(ids.shape, -1, np.int64)
+            slots[inside] = table[rel[inside]]
+        if (slots < 0).any():
+            unknown = (slots < 0) & (ids >= 0)
+            if unknown.any():
+                bad = int(ids[unknown].flat[0])
                 why = "was never added" if bad >= part.next_id else "was removed, evicted or cleared"
                 raise InvalidInputError(
-                    f"id {bad} of partition {p} is not in the store: it {why} "
-                    f"(partition {p} holds {part.count} rows, next id {part.next_id})")
-            slots[p, mask] = found
+                    f"id {bad} of partition {partition} is not in the store: it {why} "
+                    f"(partition {partition} holds {part.count} rows, next id {part.next_id})")
         return slots
 
     # ------------------------------------------------------------------ add
