@@ -158,6 +158,21 @@ def test_fifo_turnover_retrains_and_evicted_rows_leave_the_lists():
 
 # ---------------------------------------------------------------------------------------------- per call
 @pytest.mark.filterwarnings("ignore:ivf. the index cannot reach")
+@pytest.mark.parametrize("metric, index", [("ip", "Flat"), ("l2", "SQ8"), ("cos", "PQ8")])
+def test_the_coarse_step_probes_the_lists_faiss_would(data, metric, index):
+    """kvmem assigns queries to lists itself (a torch GEMM) and hands them to faiss's search_preassigned:
+    the candidates must be the ones faiss's own search finds at the same nprobe."""
+    store = build(data.base[:8000], metric=metric, train_size=4000, index=index)
+    part = store._parts[0]
+    queries = np.ascontiguousarray(data.queries[:200])
+    for nprobe in (1, 3, 17, 10_000):                                   # 10_000: past nlist, faiss clamps
+        ours = part.search(queries, 16, nprobe)
+        theirs = part.index.search(part.prepare_queries(queries), ours.shape[1],
+                                   params=faiss.SearchParametersIVF(nprobe=nprobe))[1]
+        same = (np.sort(ours, 1) == np.sort(theirs, 1)).all(1).mean()
+        assert same >= 0.98, (nprobe, same)                             # a centroid tie may round the other way
+
+
 def test_threads_with_different_nprobe_get_their_serial_results(data):
     store = build(np.stack([data.base[:6000], data.base[6000:12_000]]), partitions=2, train_size=5000)
     queries = torch.from_numpy(np.stack([data.queries[:50], data.queries[50:100]]))

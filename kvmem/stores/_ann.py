@@ -1,16 +1,18 @@
 """What the approximate backends (``ivf``, ``hnsw``) share: written once here.
 
-- One index per partition (a :class:`PartIndex`), labelled with kvmem ids.
-  Partitions are searched and written from one process-wide thread pool; faiss
-  and hnswlib release the GIL, and each task is told how many threads of its
-  own it may use, so P partitions never start P x cores threads.
+- One index per partition (a :class:`PartIndex`), labelled with kvmem ids,
+  written from one process-wide thread pool (:mod:`kvmem.stores._threads`).
+- A search cuts its query rows (all partitions' queries, flattened) into one
+  span per core; each span, on one thread, asks the index of every partition
+  it covers for candidates, rescores them and fetches their ids, keys and
+  values straight into the result (:class:`_Found`).
 - A partition without a usable index (``ivf`` before training, or after a
   library error) is searched exactly with :func:`kvmem.topk.blocked_search`
   over its stored keys.
 - Candidates are rescored exactly from the stored keys, so index
   approximations (SQ, PQ, graph search) never reach the scores. The keys
-  gathered for that are the ones ``search`` returns (kept per thread between
-  ``_search`` and ``_rows``), so the key column is read once per search.
+  gathered for that are the ones ``search`` returns (the result is kept per
+  thread between ``_search`` and ``_rows``), so the key column is read once.
 - ``target_recall``: the per-call knob (``nprobe``, ``ef``) is calibrated per
   partition on a sample of its stored keys against exact search
   (:mod:`kvmem.stores._calibrate`) after each (re)build of the index and
@@ -26,12 +28,12 @@
   with a ``RuntimeWarning``, until a recalibration reaches it; a knob given
   per call or fixed by option always searches the index.
 - Around a search, this thread's torch ops run on one thread
-  (:func:`torch_threads`), the index library's search, and the exact search
-  of partitions without a usable index, on all of them:
-  torch's OpenMP workers spin for milliseconds after a parallel op and fight
-  the library's threads for the cores (a 500-query hnswlib search took 1.4x
-  as long right after a parallel torch op on a 2-core machine). The ops
-  around an index search are small.
+  (:func:`torch_threads`), except the exact search of partitions without a
+  usable index, which runs as the exact backend's, on the caller's torch
+  threads: torch's OpenMP workers spin for milliseconds after a parallel op
+  and fight the spans for the cores (a 500-query hnswlib search took 1.4x as
+  long right after a parallel torch op on a 2-core machine). A search uses at
+  most the caller's ``torch.get_num_threads()`` cores.
 - Persistence: the native index files plus ``ann.<tag>.json`` (per-partition
   state and calibration), all checksummed by :mod:`kvmem.persist`.
 
@@ -41,16 +43,13 @@ Thread-safe with other search calls; add, remove and clear take the write lock
 
 from __future__ import annotations
 
-import contextlib
 import json
 import numbers
-import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -59,65 +58,16 @@ from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError
 from kvmem.store import SearchResult
 from kvmem.stores._calibrate import Calibration, K, calibrate
+from kvmem.stores._threads import parallel, spread, torch_threads, workers
 from kvmem.stores.exact import TableKeys, sqnorm_column, sqnorm_rows
 from kvmem.tablestore import TableStore
 from kvmem.topk import NEG_INF, blocked_search, exact_scores, rank_dtype_for
 
-__all__ = ["AnnStore", "PartIndex", "parallel", "check_int", "check_recall", "read_meta"]
+__all__ = ["AnnStore", "PartIndex", "check_int", "check_recall", "read_meta"]
 
-T = TypeVar("T")
 DEFAULT_TARGET = 0.95       # recall@32 aimed at when the user fixes neither the knob nor target_recall
 RECALIBRATE_AFTER = 0.25    # rows added since the last calibration, as a fraction of the rows held then
 _META_LIMIT = 16 << 20      # bytes; the state file is a few KB per thousand partitions
-_RESCORE_CHUNK = 1 << 18    # key elements (1 MB of float32) per rescoring task, at least
-
-# ---------------------------------------------------------------------------------------------- threads
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = -1
-_pool_lock = threading.Lock()
-
-
-def cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def _shared_pool() -> ThreadPoolExecutor:
-    global _pool, _pool_pid
-    with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():   # a forked child gets a pool of its own
-            _pool = ThreadPoolExecutor(max_workers=cpus(), thread_name_prefix="kvmem-ann")
-            _pool_pid = os.getpid()
-        return _pool
-
-
-def parallel(fn: Callable[[int, int], T], items: list[int]) -> list[T]:
-    """``[fn(item, threads) for item in items]``, run in the shared pool when there are several.
-
-    ``threads`` is how many threads ``fn`` may use itself: 0 (the library's
-    default, every core) for a single item, else ``cores // len(items)``.
-    """
-    if len(items) <= 1:
-        return [fn(item, 0) for item in items]
-    threads = max(1, cpus() // len(items))
-    return list(_shared_pool().map(lambda item: fn(item, threads), items))
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run this thread's torch CPU ops (and OpenMP regions, faiss's too) on ``n`` threads inside.
-
-    The count is per thread (OpenMP's ``nthreads-var``), so other threads are not affected.
-    """
-    before = torch.get_num_threads()
-    if n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 # ---------------------------------------------------------------------------------------------- validation
 def check_int(backend: str, name: str, value: Any, *, low: int = 1, allow_none: bool = True) -> None:
@@ -171,14 +121,81 @@ class PartIndex(Protocol):
     def remove(self, ids: np.ndarray) -> None:
         """Unindex ``ids`` (all present)."""
 
-    def search(self, queries: np.ndarray, k: int, value: int, threads: int) -> np.ndarray | None:
-        """Candidate ids ``(q, c)`` int64 (``-1`` pads) of ``queries (q, dim)`` at knob ``value``.
+    def search(self, queries: np.ndarray, k: int, value: int) -> np.ndarray | None:
+        """Candidate ids ``(q, c)`` int64 (``-1`` pads) of ``queries (q, dim)`` at knob ``value``, searched
+        on this thread alone (the store spreads queries over threads). Safe beside other searches.
 
         None: the library could not answer (search this partition exactly).
         """
 
     def nbytes(self) -> int:
         """Bytes the index holds in RAM (approximately)."""
+
+
+class _Found:
+    """What one search returns, over its ``P * q`` flat query rows, filled span by span from each
+    span's candidate slots (:meth:`fill`: one thread per span, disjoint rows).
+
+    A span's candidates are gathered straight into the returned keys when there are ``k`` of them,
+    scored exactly, and only the rows whose index order disagrees with the exact scores (near-ties)
+    are reordered; of more than ``k`` candidates (ivf's ``refine``) the best ``k`` are kept.
+    """
+
+    def __init__(self, store: AnnStore, queries: torch.Tensor, k: int) -> None:
+        P, q, dim = queries.shape
+        self.table, self.metric, self.q, self.k = store._table, store.metric, q, k
+        self.queries = queries.reshape(P * q, dim)
+        keys, values = self.table.data["keys"], self.table.data["values"]
+        self.slots_per_part = keys.shape[1]
+        n = P * q
+        self.scores = torch.empty(n, k)
+        self.best = torch.empty(n, k, dtype=torch.int64)                               # slots, -1 pads
+        self.ids = torch.empty(n, k, dtype=torch.int64)
+        self.keys = torch.empty(n, k, dim, dtype=keys.dtype)
+        self.values = torch.empty(n, k, *values.shape[2:], dtype=values.dtype)
+        self.exact = torch.full((P, q, k), -1, dtype=torch.int64)                      # exactly searched slots
+
+    def empty(self) -> None:
+        """Nothing found anywhere (no row reserved yet)."""
+        self.scores.fill_(NEG_INF)
+        for t in (self.best, self.ids):
+            t.fill_(-1)
+        for t in (self.keys, self.values):
+            t.zero_()
+
+    def fill(self, lo: int, hi: int, slots: torch.Tensor) -> None:
+        """Results of flat query rows ``[lo, hi)`` from their candidate slots ``(hi - lo, c)``, c >= k."""
+        n, c = slots.shape
+        k, dim = self.k, self.keys.shape[-1]
+        base = (torch.arange(lo, hi) // self.q * self.slots_per_part)[:, None]
+        where = slots.clamp(min=0) + base                                              # rows of the flat columns
+        got = self.keys[lo:hi] if c == k else torch.empty(n, c, dim, dtype=self.keys.dtype)
+        torch.index_select(self.table.flat("keys"), 0, where.view(-1), out=got.view(-1, dim))
+        scores = exact_scores(self.queries[None, lo:hi], got[None], self.metric)[0].masked_fill_(slots < 0, NEG_INF)
+        if c > k:
+            scores, order = scores.topk(k, -1)
+            pick = (order + torch.arange(n)[:, None] * c).view(-1)
+            torch.index_select(got.view(-1, dim), 0, pick, out=self.keys[lo:hi].view(-1, dim))
+            where = where.gather(-1, order)
+        else:
+            moved = (scores[:, 1:] > scores[:, :-1]).any(-1).nonzero().view(-1)      # near-ties the index
+            if len(moved):                                                          # ordered otherwise
+                scores[moved], order = scores[moved].sort(dim=-1, descending=True, stable=True)
+                where[moved] = where[moved].gather(-1, order)
+                pick = (order + moved[:, None] * k).view(-1)
+                got.index_copy_(0, moved, got.view(-1, dim).index_select(0, pick).view(-1, k, dim))
+        missing = scores == NEG_INF
+        self.scores[lo:hi] = scores
+        self.best[lo:hi] = (where - base).masked_fill_(missing, -1)
+        torch.index_select(self.table.flat("ids"), 0, where.view(-1), out=self.ids[lo:hi].view(-1))
+        values = self.table.flat("values")
+        if values.shape[1] == 1:                                # a column: a 1-D gather is 5x faster
+            values = values.view(-1)
+        torch.index_select(values, 0, where.view(-1), out=self.values[lo:hi].view(n * k, *values.shape[1:]))
+        if bool(missing.any()):
+            self.ids[lo:hi].masked_fill_(missing, -1)
+            self.keys[lo:hi].masked_fill_(missing[..., None], 0)
+            self.values[lo:hi].masked_fill_(missing[..., None], 0)
 
 
 class AnnStore(TableStore):
@@ -345,90 +362,51 @@ class AnnStore(TableStore):
 
     # ------------------------------------------------------------------ search
     def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        P, q, _ = queries.shape
+        """Rank, rescore and fetch in spans of query rows spread over the cores (see :class:`_Found`)."""
+        P, q, dim = queries.shape
         counts = self._book.counts
         held = [p for p in range(P) if counts[p] and q]
-        ranked = [p for p in held if self._ranks(p, params)]
-        q32 = queries.numpy()                                                           # (P, q, dim)
-        with torch_threads(self._caller_threads()):
-            found = parallel(lambda p, threads: self._parts[p].search(q32[p], k, self._value(p, params), threads),
-                             ranked)
-        width = max([k, *(f.shape[1] for f in found if f is not None)])
-        ids = np.full((P, q, width), -1, np.int64)                                      # (P, q, c)
-        for p, f in zip(ranked, found):
-            if f is not None:
-                ids[p, :, :f.shape[1]] = f
-        slots = torch.from_numpy(self._book.slots_of(ids.reshape(P, q * width)).reshape(P, q, width))
-        exact = [p for p in held if p not in ranked] + [p for p, f in zip(ranked, found) if f is None]
-        if exact:
-            with torch_threads(self._caller_threads()):                                # as the exact backend
-                slots[exact, :, :k] = self.exact_slots(queries[exact], exact, k)
-        scores, best, keys = self._rescore_keys(queries, slots, k)
-        self._last.result = (best, keys)
-        return scores, best
+        ranked = {p: self._value(p, params) for p in held if self._ranks(p, params)}
+        exact = [p for p in held if p not in ranked]
+        found = _Found(self, queries, k)
+        if not self._table.data["keys"].shape[1]:                 # no row reserved yet: nothing to find
+            found.empty()
+        elif P * q:
+            if exact:                                             # searched as the exact backend, all cores
+                with torch_threads(self._caller_threads()):
+                    found.exact[exact] = self.exact_slots(queries[exact], exact, k)
+            q32 = queries.numpy()
+            spread(lambda lo, hi: found.fill(lo, hi, self._candidates(q32, queries, found, ranked, k, lo, hi)),
+                   P * q, workers(self._caller_threads()))
+        self._last.result = found
+        return found.scores.view(P, q, k), found.best.view(P, q, k)
 
-    def _rescore_keys(self, queries: torch.Tensor, slots: torch.Tensor,
-                      k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Exact scores ``(P, q, k)`` of candidate ``slots (P, q, c)``, best first, the best slots
-        (``-1`` padded) and their keys ``(P, q, k, dim)``.
-
-        Each query's candidates are gathered (straight into the result when there are k), scored and
-        ranked in one pass over chunks of queries, and only the queries whose order changed are
-        reordered. The chunks are spread over the shared pool: pool threads, not torch's OpenMP
-        workers, whose spinning would slow the index library's next search.
-        """
-        P, q, c = slots.shape
-        if c < k:
-            slots = torch.cat([slots, slots.new_full((P, q, k - c), -1)], -1)
-            c = k
-        col = self._table.data["keys"]                                                 # (P, S, dim)
-        S, dim = col.shape[1], col.shape[2]
-        rows = slots.reshape(P * q, c)
-        where = self._table.flat_rows(slots).reshape(P * q, c)                          # rows of flat
-        flat, qs = self._table.flat("keys"), queries.reshape(P * q, dim)
-        if not S:                                                   # no row reserved yet: all candidates are -1
-            flat, where = torch.zeros(1, dim, dtype=col.dtype), torch.zeros_like(rows)
-        scores, best = torch.empty(P * q, k), torch.empty(P * q, k, dtype=torch.int64)
-        keys = torch.empty(P * q, k, dim, dtype=col.dtype)
-
-        def chunk(lo: int, hi: int) -> None:
-            with torch_threads(1):
-                n = hi - lo
-                got = keys[lo:hi] if c == k else torch.empty(n, c, dim, dtype=col.dtype)   # k candidates: in place
-                torch.index_select(flat, 0, where[lo:hi].reshape(-1), out=got.view(-1, dim))
-                missing = rows[lo:hi] < 0
-                part = exact_scores(qs[None, lo:hi], got[None], self.metric)[0].masked_fill(missing, NEG_INF)
-                top, order = part.topk(k, -1)                                          # (n, k)
-                scores[lo:hi] = top
-                best[lo:hi] = rows[lo:hi].gather(-1, order).masked_fill(top == NEG_INF, -1)
-                if c > k:
-                    pick = (order + torch.arange(n)[:, None] * c).reshape(-1)
-                    torch.index_select(got.view(-1, dim), 0, pick, out=keys[lo:hi].view(-1, dim))
-                    return
-                moved = (order != torch.arange(k)).any(-1).nonzero().view(-1)          # near-ties the index
-                if len(moved):                                                          # ordered otherwise
-                    pick = (order.index_select(0, moved) + torch.arange(len(moved))[:, None] * k).reshape(-1)
-                    fixed = got.index_select(0, moved).view(-1, dim).index_select(0, pick)
-                    got.index_copy_(0, moved, fixed.view(len(moved), k, dim))
-
-        n = P * q
-        pieces = min(cpus(), max(1, n * c * dim // _RESCORE_CHUNK))
-        bounds = [n * i // pieces for i in range(pieces + 1)]
-        if pieces == 1:
-            chunk(0, n)
-        else:
-            list(_shared_pool().map(lambda i: chunk(bounds[i], bounds[i + 1]), range(pieces)))
-        best, keys = best.view(P, q, k), keys.view(P, q, k, dim)
-        if bool((best < 0).any()):
-            keys.masked_fill_((best < 0)[..., None], 0)
-        return scores.view(P, q, k), best, keys
+    def _candidates(self, q32: np.ndarray, queries: torch.Tensor, found: _Found, ranked: Mapping[int, int],
+                    k: int, lo: int, hi: int) -> torch.Tensor:
+        """Candidate slots ``(hi - lo, c)`` (``-1`` pads) of the flat query rows ``[lo, hi)``: each ranked
+        partition's by its index, the others' from the exact search done before."""
+        q = q32.shape[1]
+        pieces = []
+        for p in range(lo // q, (hi - 1) // q + 1):
+            a, b = max(lo, p * q) - p * q, min(hi, (p + 1) * q) - p * q              # this partition's queries
+            labels = self._parts[p].search(q32[p, a:b], k, ranked[p]) if p in ranked else None
+            if labels is not None:
+                pieces.append(torch.from_numpy(self._book.slots_in(p, labels)))
+            elif p in ranked:                                     # the library could not answer: exact
+                pieces.append(self.exact_slots(queries[p:p + 1, a:b], [p], k)[0])
+            else:
+                pieces.append(found.exact[p, a:b])
+        width = max(k, *(c.shape[1] for c in pieces))
+        if len(pieces) == 1 and pieces[0].shape[1] == width and labels is not None:
+            return pieces[0]                                      # a fresh tensor already
+        return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=-1) for c in pieces])
 
     def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        last, self._last.result = getattr(self._last, "result", None), None
-        if last is None or last[0] is not slots:                                        # get(), or another caller
+        found, self._last.result = getattr(self._last, "result", None), None
+        if found is None or found.best.view(slots.shape).data_ptr() != slots.data_ptr():   # get(), another caller
             return super()._rows(slots)
-        ids = self._table.gather("ids", slots).masked_fill(slots < 0, -1)
-        return ids, last[1], self._table.gather("values", slots)
+        shape = slots.shape
+        return found.ids.view(shape), found.keys.view(*shape, -1), found.values.view(*shape, -1)
 
     def exact_slots(self, queries: torch.Tensor, partitions: list[int], k: int) -> torch.Tensor:
         """Slots ``(len(partitions), q, k)`` of the exact top-k of ``queries (len(partitions), q, dim)``,

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from kvmem.errors import CorruptStoreError
+from kvmem.stores._threads import cpus, spread
 from kvmem.topk import NEG_INF, exact_scores
 
 if TYPE_CHECKING:
@@ -145,16 +146,15 @@ def calibrate(store: AnnStore, partition: int, target: float, low: int, high: in
     q32 = queries.numpy()
 
     def recall_at(value: int) -> tuple[float, float]:
-        found = store._parts[p].search(q32, k + 1, value, 0)
-        if found is None:
+        spans = spread(lambda lo, hi: store._parts[p].search(q32[lo:hi], k + 1, value), len(q32), cpus())
+        if any(f is None for f in spans):
             return 0.0, 0.0
-        ids = np.full((store.partitions, found.size), -1, np.int64)
-        ids[p] = found.reshape(-1)
-        got = torch.from_numpy(store._book.slots_of(ids)[p].reshape(found.shape))  # (S, c)
+        found = np.concatenate(spans)
+        got = torch.from_numpy(store._book.slots_in(p, found))                      # (S, c)
         best = _scores(store, p, queries, got, own).topk(k, -1).values              # (S, k) after rescoring
         per_query = (best >= (kth - tol)[:, None]).double().mean(-1)                 # (S,)
-        spread = float(per_query.std()) / len(per_query) ** 0.5 if len(per_query) > 1 else 0.0
-        return float(per_query.mean()), spread
+        error = float(per_query.std()) / len(per_query) ** 0.5 if len(per_query) > 1 else 0.0
+        return float(per_query.mean()), error
 
     value, measured = smallest_value(recall_at, low, max(low, high), target)
     return Calibration(value=value, recall=measured[0], rows=count, k=k, exact=not reaches(measured, target))

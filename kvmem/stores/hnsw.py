@@ -131,11 +131,10 @@ class _HNSWPart:
         remove_from_graph(self.index, ids)
         self.live -= len(ids)
 
-    def search(self, queries: np.ndarray, k: int, value: int, threads: int) -> np.ndarray | None:
+    def search(self, queries: np.ndarray, k: int, value: int) -> np.ndarray | None:
         try:
             with self.gate.use(value):
-                labels, _ = self.index.knn_query(_prepare(self.metric, queries), k=min(k, self.live),
-                                                 num_threads=threads or -1)
+                labels, _ = self.index.knn_query(_prepare(self.metric, queries), k=min(k, self.live), num_threads=1)
         except RuntimeError as exc:
             if "contiguous 2D array" in str(exc):
                 return None                                         # fewer than k reachable: search exactly
