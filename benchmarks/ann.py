@@ -26,7 +26,10 @@ clustered:l2`` adds one where HNSW searches a true metric), in one process:
 
 Timings are medians over ``runs`` runs of the median of ``repeats`` calls after a
 warm-up; within a run a kvmem call and its peers' alternate, so all see the same
-machine, and each ratio is the median of the per-run ratios. Functions are importable:
+machine, and each ratio is the median of the per-run ratios. Every timed call
+starts after 20 ms idle: faiss's and torch's OpenMP workers spin about 6 ms after
+a parallel call and would take a core from whichever call came next (kvmem
+right after a 2-thread faiss search ran 1.45x slower than after a pause). Functions are importable:
 :func:`run` for everything, ``bench_*`` per backend, ``build_*`` for the
 contenders, :func:`render` for RESULTS.md; :mod:`kvmem.benchmarks.contenders`
 has ``ivf``, ``faiss-ivf``, ``hnsw`` and ``hnswlib`` as ``kvmem bench`` contenders.
@@ -54,6 +57,9 @@ from .report import BenchResult, format_table, machine_info, markdown_table, wri
 
 __all__ = ["AnnConfig", "run", "build_kvmem", "build_faiss_ivf", "build_hnswlib", "interleaved",
            "bench_exact", "bench_ivf", "bench_hnsw", "render", "main"]
+
+
+COOL_DOWN_S = 0.02          # idle before each timed call (see the module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +118,8 @@ def build_hnswlib(data: Dataset, M: int, ef_construction: int) -> tuple[Any, flo
 # ---------------------------------------------------------------------------------------------- timing
 def interleaved(calls: dict[str, Callable[[], Any]], repeats: int,
                 budget_s: float = 60.0) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median seconds per call name over ``repeats`` rounds (after a warm-up), the calls taking turns.
+    """Median seconds per call name over ``repeats`` rounds (after a warm-up), the calls taking turns,
+    each after :data:`COOL_DOWN_S` idle.
 
     Slow settings stop after two rounds once ``budget_s`` seconds are spent.
     """
@@ -123,6 +130,7 @@ def interleaved(calls: dict[str, Callable[[], Any]], repeats: int,
         if round_ >= 2 and time.perf_counter() - began > budget_s:
             break
         for name, fn in calls.items():
+            time.sleep(COOL_DOWN_S)
             start = time.perf_counter()
             out[name] = fn()
             seconds[name].append(time.perf_counter() - start)
