@@ -167,8 +167,7 @@ class _Found:
         """Results of flat query rows ``[lo, hi)`` from their candidate slots ``(hi - lo, c)``, c >= k."""
         n, c = slots.shape
         k, dim = self.k, self.keys.shape[-1]
-        base = (torch.arange(lo, hi) // self.q * self.slots_per_part)[:, None]
-        where = slots.clamp(min=0) + base                                              # rows of the flat columns
+        where = self.table.flat_rows(slots, torch.arange(lo, hi) // self.q)            # rows of the flat columns
         got = self.keys[lo:hi] if c == k else torch.empty(n, c, dim, dtype=self.keys.dtype)
         torch.index_select(self.table.flat("keys"), 0, where.view(-1), out=got.view(-1, dim))
         scores = exact_scores(self.queries[None, lo:hi], got[None], self.metric)[0].masked_fill_(slots < 0, NEG_INF)
@@ -186,7 +185,7 @@ class _Found:
                 got.index_copy_(0, moved, got.view(-1, dim).index_select(0, pick).view(-1, k, dim))
         missing = scores == NEG_INF
         self.scores[lo:hi] = scores
-        self.best[lo:hi] = (where - base).masked_fill_(missing, -1)
+        self.best[lo:hi] = where.remainder(self.slots_per_part).masked_fill_(missing, -1)
         torch.index_select(self.table.flat("ids"), 0, where.view(-1), out=self.ids[lo:hi].view(-1))
         values = self.table.flat("values")
         if values.shape[1] == 1:                                # a column: a 1-D gather is 5x faster
@@ -363,7 +362,7 @@ class AnnStore(TableStore):
     # ------------------------------------------------------------------ search
     def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Rank, rescore and fetch in spans of query rows spread over the cores (see :class:`_Found`)."""
-        P, q, dim = queries.shape
+        P, q, _ = queries.shape
         counts = self._book.counts
         held = [p for p in range(P) if counts[p] and q]
         ranked = {p: self._value(p, params) for p in held if self._ranks(p, params)}
@@ -378,8 +377,9 @@ class AnnStore(TableStore):
             q32 = queries.numpy()
             spread(lambda lo, hi: found.fill(lo, hi, self._candidates(q32, queries, found, ranked, k, lo, hi)),
                    P * q, workers(self._caller_threads()))
-        self._last.result = found
-        return found.scores.view(P, q, k), found.best.view(P, q, k)
+        best = found.best.view(P, q, k)
+        self._last.result = (best, found)
+        return found.scores.view(P, q, k), best
 
     def _candidates(self, q32: np.ndarray, queries: torch.Tensor, found: _Found, ranked: Mapping[int, int],
                     k: int, lo: int, hi: int) -> torch.Tensor:
@@ -397,15 +397,15 @@ class AnnStore(TableStore):
             else:
                 pieces.append(found.exact[p, a:b])
         width = max(k, *(c.shape[1] for c in pieces))
-        if len(pieces) == 1 and pieces[0].shape[1] == width and labels is not None:
-            return pieces[0]                                      # a fresh tensor already
+        if len(pieces) == 1 and pieces[0].shape[1] == width:
+            return pieces[0]
         return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=-1) for c in pieces])
 
     def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        found, self._last.result = getattr(self._last, "result", None), None
-        if found is None or found.best.view(slots.shape).data_ptr() != slots.data_ptr():   # get(), another caller
+        last, self._last.result = getattr(self._last, "result", None), None
+        if last is None or last[0] is not slots:                                        # get(), or another caller
             return super()._rows(slots)
-        shape = slots.shape
+        found, shape = last[1], slots.shape
         return found.ids.view(shape), found.keys.view(*shape, -1), found.values.view(*shape, -1)
 
     def exact_slots(self, queries: torch.Tensor, partitions: list[int], k: int) -> torch.Tensor:
