@@ -1,5 +1,6 @@
 """How ivf and hnsw spread one search over threads: spans that cut partitions give what one span gives."""
 
+import os
 import threading
 import time
 
@@ -82,3 +83,14 @@ def test_spans_across_partitions_return_what_one_span_returns(monkeypatch, backe
     assert (three.ids[3] == -1).all() and torch.isneginf(three.scores[3]).all()   # the empty partition
     hits, wanted = check_search(three, model, queries, K, exact=False)
     assert hits >= 0.9 * wanted
+
+
+@pytest.mark.skipif(_threads._getcpu is None or len(os.sched_getaffinity(0)) < 2, reason="needs Linux, 2 CPUs")
+def test_a_span_woken_on_its_callers_cpu_moves_off_it_and_back():
+    here, allowed = _threads._getcpu(), os.sched_getaffinity(0)
+    with _threads._off(here):
+        assert os.sched_getaffinity(0) == allowed - {here} and _threads._getcpu() != here
+    assert os.sched_getaffinity(0) == allowed
+    for elsewhere in (None, max(allowed) + 1):                      # not on that CPU: nothing changes
+        with _threads._off(elsewhere):
+            assert os.sched_getaffinity(0) == allowed

@@ -236,6 +236,13 @@ def test_foreign_index_files_with_recomputed_manifests_are_rejected_in_a_child(t
         "sq8-codes": index_bytes_of(saved("sq8", n=310, drop=10, index="SQ8")),
         "flat-index": bytes(faiss.serialize_index(flat)),
     }
+    ivf = faiss.deserialize_index(np.frombuffer(index_bytes_of(good), np.uint8))   # same lists, a graph quantizer
+    graph = faiss.IndexHNSWFlat(ivf.d, 8)
+    graph.add(ivf.quantizer.reconstruct_n(0, ivf.nlist))
+    other = faiss.IndexIVFFlat(graph, ivf.d, ivf.nlist, faiss.METRIC_L2)
+    other.replace_invlists(ivf.invlists, False)
+    other.ntotal, other.is_trained = ivf.ntotal, True
+    foreign["graph-quantizer"] = bytes(faiss.serialize_index(other))
     assert_foreign_indexes_refused(good, foreign, tmp_path, count=300)
 
 

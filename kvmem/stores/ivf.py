@@ -187,9 +187,7 @@ class _IVFPart:
         self.added += len(ids)
         if self.index is not None:
             x = self.prepare(keys)
-            if threads:
-                faiss.omp_set_num_threads(threads)      # this pool thread's own OpenMP setting
-            with map_errors("ivf add"):
+            with omp_threads(threads or faiss.omp_get_max_threads()), map_errors("ivf add"):
                 self.index.add_with_ids(x, ids)
 
     def remove(self, ids: np.ndarray) -> None:
