@@ -18,7 +18,7 @@
   tends to wake the sleeping worker on the waker's CPU and to leave both
   spans sharing it while the other core idles: a search of 1000 queries at
   nprobe 1 over 1M keys, called every 20 ms, ran on one core most of the
-  time and took 18.5 ms instead of 12 (14.5 ms with the move). Linux only
+  time and took 18.5 ms instead of 12 (12.8 ms with the move). Linux only
   (``sched_getcpu`` from the C library, ``os.sched_setaffinity``); elsewhere
   spans go where the scheduler puts them.
 """
@@ -94,7 +94,6 @@ def spread(fn: Callable[[int, int], T], rows: int, threads: int, minimum: int = 
     this thread, the others on the shared pool. Waits for every span before raising."""
     pieces = max(1, min(threads, rows // minimum))
     bounds = [rows * i // pieces for i in range(pieces + 1)]
-
     home = _getcpu() if _getcpu is not None and pieces > 1 else None
 
     def span(i: int) -> T:
@@ -125,9 +124,10 @@ def _off(cpu: int | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """Run this thread's torch CPU ops (and OpenMP regions, faiss's too) on ``n`` threads inside.
+    """Run this thread's torch CPU ops on ``n`` threads inside.
 
-    The count is per thread (OpenMP's ``nthreads-var``), so other threads are not affected.
+    The count is per thread (OpenMP's ``nthreads-var``), so other threads are not affected. faiss
+    carries its own OpenMP runtime: :func:`kvmem.stores.ivf.omp_threads` sets that one.
     """
     before = torch.get_num_threads()
     if n == before:
