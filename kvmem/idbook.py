@@ -120,8 +120,7 @@ class IdBook:
 
     def slots_of(self, ids: np.ndarray) -> np.ndarray:
         """Slots ``(P, m)`` of live ids ``(P, m)``; ``-1`` stays ``-1``. Unknown ids raise."""
-        return np.stack([self.slots_in(p, ids[p]) for p in range(self.partitions)]) if self.partitions \
-            else np.empty(ids.shape, np.int64)
+        return np.stack([self.slots_in(p, ids[p]) for p in range(self.partitions)])
 
     def slots_in(self, partition: int, ids: np.ndarray) -> np.ndarray:
         """Slots of live ids ``(...)`` of one partition, same shape; ``-1`` stays ``-1``. Unknown ids raise."""
