@@ -35,7 +35,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["cpus", "workers", "parallel", "spread", "torch_threads"]
+__all__ = ["cpus", "workers", "parallel", "spread", "thread_count", "torch_threads"]
 
 T = TypeVar("T")
 SPAN_MIN = 32               # query rows per span, at least: a span costs ~0.1 ms of dispatch and small ops
@@ -123,18 +123,23 @@ def _off(cpu: int | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
+def thread_count(get: Callable[[], int], set_: Callable[[int], None], n: int) -> Iterator[None]:
+    """A per-thread thread count (read by ``get``, written by ``set_``) at ``n`` inside, restored after."""
+    before = get()
+    if n == before:
+        yield
+        return
+    set_(n)
+    try:
+        yield
+    finally:
+        set_(before)
+
+
+def torch_threads(n: int) -> contextlib.AbstractContextManager[None]:
     """Run this thread's torch CPU ops on ``n`` threads inside.
 
     The count is per thread (OpenMP's ``nthreads-var``), so other threads are not affected. faiss
     carries its own OpenMP runtime: :func:`kvmem.stores.ivf.omp_threads` sets that one.
     """
-    before = torch.get_num_threads()
-    if n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return thread_count(torch.get_num_threads, torch.set_num_threads, n)

@@ -54,7 +54,7 @@ import contextlib
 import dataclasses
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError, map_errors
 from kvmem.stores._ann import AnnStore, check_int, check_recall, meta_int
 from kvmem.stores._ivffile import check_faiss_file, list_ids
+from kvmem.stores._threads import thread_count
 
 __all__ = ["IVFStore", "index_nbytes"]
 
@@ -220,15 +221,9 @@ class _IVFPart:
         return 0 if self.index is None else index_nbytes(self.index)
 
 
-@contextlib.contextmanager
-def omp_threads(n: int) -> Iterator[None]:
+def omp_threads(n: int) -> contextlib.AbstractContextManager[None]:
     """faiss's OpenMP threads on this thread inside (faiss carries its own libgomp; the setting is per thread)."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(n)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(before)
+    return thread_count(faiss.omp_get_max_threads, faiss.omp_set_num_threads, n)
 
 
 def index_nbytes(index: faiss.IndexIVF) -> int:
