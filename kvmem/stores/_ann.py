@@ -153,7 +153,7 @@ class _Found:
         self.ids = torch.empty(n, k, dtype=torch.int64)
         self.keys = torch.empty(n, k, dim, dtype=keys.dtype)
         self.values = torch.empty(n, k, *values.shape[2:], dtype=values.dtype)
-        self.exact = torch.full((P, q, k), -1, dtype=torch.int64)                      # exactly searched slots
+        self.exact: dict[int, torch.Tensor] = {}                                      # partition -> slots (q, k)
 
     def empty(self) -> None:
         """Nothing found anywhere (no row reserved yet)."""
@@ -373,7 +373,7 @@ class AnnStore(TableStore):
         elif P * q:
             if exact:                                             # searched as the exact backend, all cores
                 with torch_threads(self._caller_threads()):
-                    found.exact[exact] = self.exact_slots(queries[exact], exact, k)
+                    found.exact = dict(zip(exact, self.exact_slots(queries[exact], exact, k)))
             q32 = queries.numpy()
             spread(lambda lo, hi: found.fill(lo, hi, self._candidates(q32, queries, found, ranked, k, lo, hi)),
                    P * q, workers(self._caller_threads()))
@@ -394,8 +394,8 @@ class AnnStore(TableStore):
                 pieces.append(torch.from_numpy(self._book.slots_in(p, labels)))
             elif p in ranked:                                     # the library could not answer: exact
                 pieces.append(self.exact_slots(queries[p:p + 1, a:b], [p], k)[0])
-            else:
-                pieces.append(found.exact[p, a:b])
+            else:                                                 # searched exactly before, or empty
+                pieces.append(found.exact[p][a:b] if p in found.exact else torch.full((b - a, k), -1))
         width = max(k, *(c.shape[1] for c in pieces))
         if len(pieces) == 1 and pieces[0].shape[1] == width:
             return pieces[0]
