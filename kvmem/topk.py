@@ -6,15 +6,21 @@ memory of a call is O(block), whatever N is.
 
 Two ways to score a block:
 
-- **direct**: float32 scores, exact as any float32 brute force is.
-- **ranked** (the default where a fast bfloat16 matmul exists: CUDA, and CPUs
-  with AVX512-BF16 or AMX): rank with a bfloat16 matmul, keep ``k + margin``
-  candidates, rescore them exactly in float32, then *certify* each query: the
-  bfloat16 error of any score is bounded (Cauchy-Schwarz on the rounding of
-  query and key, plus the rounding of the output), so if the worst key left
-  out cannot beat the k-th rescored candidate even with that error, the
-  answer is the exact one. Queries that fail the certificate are searched
-  again directly. Results are exact either way; only the speed differs.
+- **float32** ranking, and
+- **bfloat16** ranking (the default where a fast bfloat16 matmul exists: CUDA,
+  and CPUs with AVX512-BF16 or AMX).
+
+Either way a block is ranked in the working dtype, ``k + margin`` candidates
+are kept and rescored exactly in float32 (:func:`exact_scores`), and each query
+is *certified*: the rounding error of any ranking score is bounded
+(Cauchy-Schwarz on the rounding of query and key, the accumulation and the
+output), so if the worst key left out cannot beat the k-th rescored candidate
+even with that error, the answer is the exact one. Queries that fail are
+searched again one precision finer (bfloat16 -> float32 -> float64); float64
+is final. "Exact" means: the true top-k of the stored keys, up to ties closer
+than the float32 rounding of a score. Near-ties in ``l2`` under a large shared
+offset (attention keys) are where float32 ranking, which scores
+``2 q.k - |k|^2``, cannot tell rows apart and float64 is needed.
 
 Metrics are folded into the matmul so one kernel serves all three
 (``r`` is the ranking score, monotone in the returned score):
@@ -41,9 +47,12 @@ __all__ = ["KeySource", "RunningTopK", "blocked_search", "exact_scores", "fast_r
 
 NEG_INF = float("-inf")
 _GROUP = 16          # columns per group in the group-max prefilter
-_MARGIN = 48         # extra candidates kept by the ranked path (16 left 90% of Gaussian queries uncertified at 1M)
+_MARGIN = {torch.bfloat16: 48, torch.float32: 8, torch.float64: 0}   # extra candidates kept per working dtype
+# (bfloat16: 16 left 90% of Gaussian queries uncertified at 1M; float32 fails only on near-ties)
+_FINER = {torch.bfloat16: torch.float32, torch.float32: torch.float64}  # where an uncertified query goes next
 _U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16
 _U_F32 = 2.0 ** -24
+_UNIT = {torch.bfloat16: _U_BF16, torch.float32: _U_F32}
 _SMALL_Q = 8         # fewer queries than this: a memory-bound matvec, one BLAS thread is enough
 
 
@@ -113,9 +122,9 @@ class RunningTopK:
     top-k groups are kept, which needs no data-dependent shapes.
     """
 
-    def __init__(self, rows: int, k: int, device: torch.device) -> None:
+    def __init__(self, rows: int, k: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
         self.k = k
-        self.values = torch.full((rows, k), NEG_INF, device=device)                  # (R, k)
+        self.values = torch.full((rows, k), NEG_INF, dtype=dtype, device=device)     # (R, k)
         self.columns = torch.full((rows, k), -1, dtype=torch.long, device=device)    # (R, k)
         self.threshold = self.values[:, 0].clone()                                    # (R,) k-th best so far
         self._sparse = device.type == "cpu"
@@ -127,7 +136,7 @@ class RunningTopK:
         tail = m * _GROUP if m >= self.k else 0
         if tail < b:                                                                  # a few ragged columns
             cols = torch.arange(first + tail, first + b, device=scores.device).expand(R, b - tail)
-            self._merge(scores[:, tail:].float(), cols)
+            self._merge(scores[:, tail:].to(self.values.dtype), cols)
         if not tail:
             return
         gmax = scores[:, :tail].unflatten(1, (_GROUP, m)).amax(1)                     # (R, m)
@@ -135,10 +144,10 @@ class RunningTopK:
             return
         _, group = gmax.topk(self.k, 1, sorted=False)                                 # (R, k)
         cols = (torch.arange(_GROUP, device=scores.device)[None, :, None] * m + group[:, None, :]).reshape(R, -1)
-        self._merge(scores.gather(1, cols).float(), cols + first)
+        self._merge(scores.gather(1, cols).to(self.values.dtype), cols + first)
 
     def _push_sparse(self, scores: torch.Tensor, gmax: torch.Tensor, first: int, m: int) -> bool:
-        rows, group = (gmax.float() > self.threshold[:, None]).nonzero(as_tuple=True)
+        rows, group = (gmax.to(self.threshold.dtype) > self.threshold[:, None]).nonzero(as_tuple=True)
         if rows.numel() > scores.shape[0] * self.k // 2:
             return False                                                              # dense block: top-k path
         if rows.numel() == 0:
@@ -150,9 +159,9 @@ class RunningTopK:
             return False
         slot = torch.arange(rows.numel(), device=rows.device) - (per_row.cumsum(0) - per_row)[rows]
         cols = group[:, None] + torch.arange(_GROUP, device=rows.device)[None, :] * m  # (hits, G)
-        cand = torch.full((R, width, _GROUP), NEG_INF, device=scores.device)
+        cand = torch.full((R, width, _GROUP), NEG_INF, dtype=self.values.dtype, device=scores.device)
         cand_cols = torch.full((R, width, _GROUP), -1, dtype=torch.long, device=scores.device)
-        cand[rows, slot] = scores[rows[:, None], cols].float()
+        cand[rows, slot] = scores[rows[:, None], cols].to(self.values.dtype)
         cand_cols[rows, slot] = cols + first
         self._merge(cand.view(R, -1), cand_cols.view(R, -1))
         return True
@@ -198,11 +207,14 @@ def _rank_keys(keys: torch.Tensor, sqnorm: torch.Tensor, metric: str, out: torch
     """The key rows of the table in the module docstring, written into ``out (P, b, d')``."""
     b, d = keys.shape[1], keys.shape[2]
     out = out[:, :b]
+    if out.dtype == torch.float64:
+        keys = keys.double()
+        sqnorm = keys.pow(2).sum(-1)            # a float32 |k|^2 would limit float64 ranking to float32's resolution
     if keys.dtype == torch.float16 and out.dtype == torch.bfloat16 and out.device.type == "cpu":
         keys = keys.float()                     # CPUs have no fast float16 -> bfloat16 path; via float32 is 4x faster
     if metric == "cos":
         inv = torch.where(sqnorm > 0, sqnorm.clamp(min=1e-30).rsqrt(), torch.zeros_like(sqnorm))
-        out.copy_(keys.float() * inv[..., None])
+        out.copy_(keys.to(inv.dtype) * inv[..., None])
     else:
         out[..., :d] = keys
         if metric == "l2":
@@ -220,13 +232,14 @@ class _BlockScorer:
 
     def __init__(self, queries: torch.Tensor, metric: str, work: torch.dtype, rows: int) -> None:
         self.metric, self.work = metric, work
-        self.qrows = _rank_rows(queries.float(), metric).to(work)                   # (P, q, d')
+        wide = torch.float64 if work == torch.float64 else torch.float32
+        self.qrows = _rank_rows(queries.to(wide), metric).to(work)                  # (P, q, d')
         P, q, width = self.qrows.shape
         device = queries.device
         self.scores = torch.empty(P * q * rows, dtype=work, device=device)
         self.keys = torch.empty((P, rows, width), dtype=work, device=device)
         self.rounded_keys = False               # some key entered the matmul rounded (certificate bound)
-        self._numpy = device.type == "cpu" and work == torch.float32
+        self._numpy = device.type == "cpu" and work in (torch.float32, torch.float64)
 
     def __call__(self, keys: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
         if self.metric == "ip" and keys.dtype == self.work:
@@ -291,7 +304,7 @@ def blocked_search(source: KeySource, queries: torch.Tensor, k: int, metric: str
 
     Scores are the float32 scores of :func:`exact_scores`, sorted best first;
     slots are ``-1`` (score ``-inf``) where a partition holds fewer than k rows.
-    ``rank_dtype=torch.bfloat16`` takes the certified ranked path.
+    ``rank_dtype``: the working dtype of the ranking, ``torch.bfloat16`` or float32 (None).
     """
     P, q, _ = queries.shape
     device = source.device
@@ -303,23 +316,23 @@ def blocked_search(source: KeySource, queries: torch.Tensor, k: int, metric: str
     limits = _LIMITS["cpu" if device.type == "cpu" else "cuda"]
     budget = block_elems or limits.score_elems
     tile = query_tile or max(1, limits.query_rows // P)
+    work = rank_dtype or torch.float32
     for t in range(0, q, tile):
         part = slice(t, min(q, t + tile))
-        scores[:, part], slots[:, part] = _search_tile(source, queries[:, part], k, metric, rank_dtype, budget,
+        scores[:, part], slots[:, part] = _search_tile(source, queries[:, part], k, metric, work, budget,
                                                        limits.max_rows)
     return scores, slots
 
 
 def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
-                 rank_dtype: torch.dtype | None, budget: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 work: torch.dtype, budget: int, max_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     P, q, d = queries.shape
     counts = source.counts()
-    keep = k + _MARGIN if rank_dtype is not None else k
-    work = rank_dtype or torch.float32
+    keep = k + _MARGIN[work]
     converts = not (metric == "ip" and source.dtype == work)
     rows = _block_rows(P, q, d + 1, budget, int(counts.max()), converts, max_rows)
     score = _BlockScorer(queries, metric, work, rows)
-    running = RunningTopK(P * q, keep, source.device)
+    running = RunningTopK(P * q, keep, source.device, torch.float64 if work == torch.float64 else torch.float32)
     held = torch.as_tensor(counts, device=source.device)[:, None, None]               # (P, 1, 1)
     for first, keys, sqnorm in source.blocks(rows):
         block = score(keys, sqnorm)                                                    # (P, q, b)
@@ -332,24 +345,25 @@ def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
     exact = exact_scores(queries, source.gather(cand), metric).masked_fill(cand < 0, NEG_INF)
     best, pick = exact.topk(k, -1)                                                     # (P, q, k)
     best_slots = cand.gather(-1, pick).masked_fill(best == NEG_INF, -1)
-    if rank_dtype is not None:
-        failed = ~_certified(queries, score.qrows, approx.view(P, q, keep), best, source, metric,
-                             not score.rounded_keys)
+    finer = _FINER.get(work)
+    if finer is not None:
+        failed = ~_certified(queries, score.qrows, approx.view(P, q, keep), best, source, metric, _UNIT[work],
+                             score.rounded_keys)
         if bool(failed.any()):
-            _redo_directly(source, queries, k, metric, budget, max_rows, failed, best, best_slots)
+            _redo(source, queries, k, metric, budget, max_rows, failed, best, best_slots, finer)
     return best, best_slots
 
 
 def _certified(queries: torch.Tensor, qrows: torch.Tensor, approx: torch.Tensor, best: torch.Tensor,
-               source: KeySource, metric: str, exact_keys: bool) -> torch.Tensor:
-    """``(P, q)`` True where no key left out by the bfloat16 ranking can be in the true top-k.
+               source: KeySource, metric: str, u: float, rounded_keys: bool) -> torch.Tensor:
+    """``(P, q)`` True where no key left out by a ranking of unit roundoff ``u`` can be in the true top-k.
 
-    ``exact_keys``: the keys entered the matmul unrounded (bfloat16 ip storage).
+    ``rounded_keys``: the keys were rounded to the working dtype on their way into the matmul.
     """
     qnorm = qrows.float().norm(dim=-1)                                                 # (P, q)
     top = source.max_sqnorm().to(qnorm.device).clamp(min=0)[:, None]                   # (P, 1)
     knorm = {"ip": top.sqrt(), "l2": (top + top * top).sqrt(), "cos": torch.ones_like(top)}[metric]
-    u, uk = _U_BF16, 0.0 if exact_keys else _U_BF16
+    uk = u if rounded_keys else 0.0
     dim = qrows.shape[-1]
     bound = qnorm * knorm * (u + uk + u * uk + (dim + 8) * 2 * _U_F32)                # (P, q)
     left_out = approx[..., -1]                                                          # kk-th approx score
@@ -358,16 +372,17 @@ def _certified(queries: torch.Tensor, qrows: torch.Tensor, approx: torch.Tensor,
     if metric == "l2":
         kth = kth + queries.float().pow(2).sum(-1)                                       # into r = |q|^2 - |q-k|^2
     counts = torch.as_tensor(source.counts(), device=qnorm.device)[:, None]
+    worst = worst + 2 * _U_F32 * kth.abs()                                             # kth itself is rounded
     return (left_out == NEG_INF) | (worst < kth) | (counts <= approx.shape[-1])
 
 
-def _redo_directly(source: KeySource, queries: torch.Tensor, k: int, metric: str, budget: int, max_rows: int,
-                   failed: torch.Tensor, best: torch.Tensor, best_slots: torch.Tensor) -> None:
-    """Search the uncertified queries again in float32, in place."""
+def _redo(source: KeySource, queries: torch.Tensor, k: int, metric: str, budget: int, max_rows: int,
+          failed: torch.Tensor, best: torch.Tensor, best_slots: torch.Tensor, work: torch.dtype) -> None:
+    """Search the uncertified queries again with a ``work`` ranking, in place."""
     for p in failed.any(1).nonzero().flatten().tolist():
         who = failed[p].nonzero().flatten()
         sub = _Partition(source, p)
-        s, i = _search_tile(sub, queries[p:p + 1, who], k, metric, None, budget, max_rows)
+        s, i = _search_tile(sub, queries[p:p + 1, who], k, metric, work, budget, max_rows)
         best[p, who], best_slots[p, who] = s[0], i[0]
 
 

@@ -1,10 +1,21 @@
-"""The exact backend: conformance, the state machine, and its two ranking paths."""
+"""The exact backend: conformance, the state machine, and exactness on hard data on every ranking path.
 
+Hard data is where a ranking in reduced precision goes wrong: near-ties (keys closer together than
+bfloat16 can tell apart), duplicate keys (what ``positions="first"`` stores for a repeated token), and
+keys sharing a large offset (attention keys do; under ``l2`` even a float32 ranking, which scores
+``2 q.k - |k|^2``, cannot order them). Answers are checked against a float64 brute force built from
+the rows the test added (not from the store's own ``get``), to float32 resolution (see
+:func:`kvmem.testing.checks.score_error`); each data set asserts that it is hard and still resolvable.
+"""
+
+import numpy as np
 import pytest
 import torch
 
 import kvmem
-from kvmem.testing import StoreConformance, store_machine
+from kvmem import topk
+from kvmem.testing import BruteForceMemory, StoreConformance, check_search, store_machine
+from kvmem.testing.checks import score_error
 
 
 class TestExact(StoreConformance):
@@ -12,7 +23,7 @@ class TestExact(StoreConformance):
 
 
 class TestExactFp32Ranking(StoreConformance):
-    """The direct float32 path (used for few queries, and where bf16 is slow)."""
+    """The float32 ranking path (used for few queries, and where bf16 is slow)."""
 
     backend = "exact"
     options = {"ranking": "fp32"}
@@ -35,68 +46,160 @@ class TestExactCuda(StoreConformance):
     device = "cuda"
 
 
-def _oracle_check(store, queries, k):
-    """The store's top-k equals float64 brute force over its own stored keys."""
-    from kvmem.testing import check_search
-    from kvmem.testing.model import BruteForceMemory
+METRICS = ("ip", "l2", "cos")
+K = 10
 
-    model = BruteForceMemory(store.dim, store.value_dim, store.partitions, store.metric, store.dtype)
-    for p in range(store.partitions):
-        ids = torch.from_numpy(store._book.ids_in_slots(p))
-        if len(ids):
-            keys, values = store.get(torch.stack([ids if q == p else torch.full_like(ids, -1)
-                                                  for q in range(store.partitions)]))
-            for i, key, value in zip(ids.tolist(), keys[p], values[p]):
-                model.rows[p][i] = (key.double().numpy(), value.double().numpy())
-    check_search(store.search(queries, k), model, queries, k, exact=True)
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def near_ties(metric, seed=0, partitions=2, n=2000, dim=32):
+    """Keys spread 1e-2 around one point (0.1 for cos, whose scores crowd near 1), queries 10x (3x)
+    wider: bfloat16 cannot rank them, float32 resolves most boundaries."""
+    gen = _gen(seed)
+    spread, wider = (0.1, 0.3) if metric == "cos" else (1e-2, 1e-1)
+    base = torch.randn(1, 1, dim, generator=gen)
+    keys = base + spread * torch.randn(partitions, n, dim, generator=gen)
+    queries = base + wider * torch.randn(partitions, 16, dim, generator=gen)
+    return keys, queries
+
+
+def duplicates(metric, seed=0, partitions=2, n=2000, dim=32):
+    """200 distinct keys, each stored 10 times: the top-k holds exact ties."""
+    gen = _gen(seed)
+    keys = torch.randn(partitions, n // 10, dim, generator=gen).repeat_interleave(10, 1)
+    return keys, torch.randn(partitions, 16, dim, generator=gen)
+
+
+def shared_offset(metric, seed=0, partitions=2, n=2000, dim=32):
+    """Clustered keys around an offset of norm ~30 (clusters of size 0.05; 1.5 for cos, whose scores
+    would otherwise all round to 1), queries from the same clusters."""
+    gen = _gen(seed)
+    scale = 1.5 if metric == "cos" else 0.05
+    offset = 5 * torch.randn(1, 1, dim, generator=gen)
+    centres = torch.randn(partitions, 8, dim, generator=gen)
+    keys = offset + scale * (centres[:, torch.randint(8, (n,), generator=gen)] + 0.3 * torch.randn(
+        partitions, n, dim, generator=gen))
+    queries = offset + scale * (centres.repeat(1, 2, 1) + 0.3 * torch.randn(partitions, 16, dim, generator=gen))
+    return keys, queries
+
+
+DATA = {"near-ties": near_ties, "duplicates": duplicates, "shared-offset": shared_offset}
+
+
+def _filled(keys, metric, ranking, dtype=torch.float32, **options):
+    """A store and the oracle, both given the same rows (the oracle never reads the store)."""
+    P, n, dim = keys.shape
+    values = torch.arange(float(n)).expand(P, n)[..., None]
+    store = kvmem.create("exact", dim=dim, value_dim=1, partitions=P, metric=metric, dtype=dtype,
+                         ranking=ranking, **options)
+    model = BruteForceMemory(dim, 1, P, metric, dtype)
+    store.add(keys, values)
+    model.add(keys, values)
+    return store, model
+
+
+def _resolvable(model, queries, k=K):
+    """Fraction of queries whose k-th and (k+1)-th true scores are farther apart than float32 resolution."""
+    best, _ = model.search(queries, k + 1)
+    tol = score_error(queries, model, np.abs(best[..., :1]))[..., 0]
+    return float(((best[..., k - 1] - best[..., k]) > 2 * tol).mean())
+
+
+@pytest.fixture
+def finer_searches(monkeypatch):
+    """Counts the queries each working dtype searched again: ``{torch.float32: n, torch.float64: n}``."""
+    seen = {}
+    redo = topk._redo
+
+    def counting(source, queries, k, metric, budget, max_rows, failed, best, best_slots, work):
+        seen[work] = seen.get(work, 0) + int(failed.sum())
+        return redo(source, queries, k, metric, budget, max_rows, failed, best, best_slots, work)
+
+    monkeypatch.setattr(topk, "_redo", counting)
+    return seen
 
 
 @pytest.mark.parametrize("ranking", ["fp32", "bf16"])
-@pytest.mark.parametrize("metric", ["ip", "l2", "cos"])
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kind", list(DATA))
+def test_hard_data_gets_the_exact_top_k(kind, metric, ranking, finer_searches):
+    keys, queries = DATA[kind](metric)
+    store, model = _filled(keys, metric, ranking)
+    if kind != "duplicates":
+        assert _resolvable(model, queries) >= 0.5, "the data must be resolvable in float32 for the test to bite"
+    check_search(store.search(queries, K), model, queries, K, exact=True)
+    if kind == "near-ties" and ranking == "bf16":
+        assert finer_searches.get(torch.float32), "near-ties must fail the bfloat16 certificate"
+    if kind == "shared-offset" and metric == "l2":
+        assert finer_searches.get(torch.float64), "l2 under a shared offset must fail the float32 certificate"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_rounded_storage_is_exact_over_the_rounded_keys(metric, dtype):
+    keys, queries = near_ties(metric, seed=4)
+    keys = keys * 4                                  # apart enough that rounding to 16 bits keeps some order
+    store, model = _filled(keys, metric, "auto", dtype=dtype)
+    check_search(store.search(queries * 4, K), model, queries * 4, K, exact=True)
+
+
+@pytest.mark.parametrize("ranking", ["fp32", "bf16"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_every_query_sent_to_the_fallback_comes_back_exact(monkeypatch, metric, ranking, finer_searches):
+    """The fallback alone: no query certified, so every answer is the finer search's."""
+    keys, queries = shared_offset(metric, seed=5)
+    store, model = _filled(keys, metric, ranking, block_elems=4096)
+    monkeypatch.setattr(topk, "_certified", lambda queries, *a, **kw: torch.zeros(queries.shape[:2], dtype=bool))
+    check_search(store.search(queries, K), model, queries, K, exact=True)
+    finer = torch.float32 if ranking == "bf16" else torch.float64
+    assert finer_searches[finer] == queries.shape[0] * queries.shape[1]
+
+
+@pytest.mark.parametrize("ranking", ["fp32", "bf16"])
+@pytest.mark.parametrize("metric", METRICS)
 def test_many_blocks_and_uneven_partitions(ranking, metric):
-    store = kvmem.create("exact", dim=16, value_dim=2, partitions=3, metric=metric, dtype=torch.float32,
-                         ranking=ranking, block_elems=4096)
-    gen = torch.Generator().manual_seed(0)
-    store.add(torch.randn(3, 3000, 16, generator=gen), torch.randn(3, 3000, 2, generator=gen))
+    gen = _gen(0)
+    keys = torch.randn(3, 3000, 16, generator=gen)
+    store, model = _filled(keys, metric, ranking, block_elems=4096)
     store.clear(1)
-    store.remove(torch.stack([torch.full((1500,), -1), torch.full((1500,), -1), torch.arange(1500)]))
+    model.clear([1])
+    gone = torch.stack([torch.full((1500,), -1), torch.full((1500,), -1), torch.arange(1500)])
+    store.remove(gone)
+    model.remove(gone.numpy())
     assert [store.count(p) for p in range(3)] == [3000, 0, 1500]
-    _oracle_check(store, torch.randn(3, 40, 16, generator=gen), k=20)
-
-
-@pytest.mark.parametrize("metric", ["ip", "l2", "cos"])
-def test_near_ties_fail_the_certificate_and_are_searched_again(monkeypatch, metric):
-    """Keys closer together than bfloat16 can tell apart: the fast ranking cannot certify
-    them, the float32 fallback runs, and the answer is still the exact one."""
-    from kvmem import topk
-
-    calls = []
-    redo = topk._redo_directly
-    monkeypatch.setattr(topk, "_redo_directly", lambda *a, **kw: calls.append(1) or redo(*a, **kw))
-    gen = torch.Generator().manual_seed(1)
-    base = torch.randn(1, 1, 32, generator=gen)
-    keys = base + 1e-4 * torch.randn(2, 2000, 32, generator=gen)       # 2000 near-duplicates per partition
-    store = kvmem.create("exact", dim=32, value_dim=1, partitions=2, metric=metric, dtype=torch.float32,
-                         ranking="bf16")
-    store.add(keys, torch.zeros(2, 2000, 1))
-    queries = base.expand(2, 16, 32) + 1e-3 * torch.randn(2, 16, 32, generator=gen)
-    _oracle_check(store, queries, k=10)
-    assert calls, "near-ties should have failed the bfloat16 certificate"
+    queries = torch.randn(3, 40, 16, generator=gen)
+    check_search(store.search(queries, 20), model, queries, 20, exact=True)
 
 
 def test_well_separated_keys_are_certified_without_a_second_pass(monkeypatch):
-    from kvmem import topk
-
-    monkeypatch.setattr(topk, "_redo_directly", lambda *a, **kw: pytest.fail("fallback ran"))
-    gen = torch.Generator().manual_seed(2)
-    store = kvmem.create("exact", dim=64, value_dim=1, dtype=torch.float32, ranking="bf16")
-    store.add(torch.randn(20000, 64, generator=gen), torch.zeros(20000, 1))
-    _oracle_check(store, torch.randn(1, 64, 64, generator=gen), k=8)
+    monkeypatch.setattr(topk, "_redo", lambda *a, **kw: pytest.fail("fallback ran"))
+    gen = _gen(2)
+    store, model = _filled(torch.randn(1, 20000, 64, generator=gen), "ip", "bf16")
+    queries = torch.randn(1, 64, 64, generator=gen)
+    check_search(store.search(queries, 8), model, queries, 8, exact=True)
 
 
 def test_auto_ranking_is_exact_for_one_query_and_for_many():
-    gen = torch.Generator().manual_seed(3)
-    store = kvmem.create("exact", dim=32, value_dim=1, dtype=torch.bfloat16)
-    store.add(torch.randn(5000, 32, generator=gen), torch.zeros(5000, 1))
+    gen = _gen(3)
+    store, model = _filled(torch.randn(1, 5000, 32, generator=gen), "ip", "auto", dtype=torch.bfloat16)
     for q in (1, 64):
-        _oracle_check(store, torch.randn(1, q, 32, generator=gen), k=16)
+        queries = torch.randn(1, q, 32, generator=gen)
+        check_search(store.search(queries, 16), model, queries, 16, exact=True)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_the_check_catches_a_wrong_answer(metric):
+    """The oracle check itself bites on near-tie data: swapping in the (k+1)-th row is caught."""
+    keys, queries = near_ties(metric, seed=6)
+    store, model = _filled(keys, metric, "fp32")
+    res = store.search(queries, K + 1)
+    right = kvmem.SearchResult(*(t[:, :, :K] for t in res))
+    check_search(right, model, queries, K, exact=True)
+    wrong = [t[:, :, :K].clone() for t in res]
+    for t, full in zip(wrong, res):
+        t[:, :, K - 1] = full[:, :, K]
+    wrong[0][:, :, K - 1] = torch.minimum(wrong[0][:, :, K - 1], wrong[0][:, :, K - 2])
+    with pytest.raises(AssertionError):
+        check_search(kvmem.SearchResult(*wrong), model, queries, K, exact=True)
