@@ -22,6 +22,7 @@ class TestHNSW(StoreConformance):
     backend = "hnsw"
     exact = False
     recall_threshold = 0.95
+    full_results_up_to = 10**9          # hnswlib always returns k rows when it holds k
 
 
 class TestHNSWSparseGraph(StoreConformance):
@@ -31,6 +32,7 @@ class TestHNSWSparseGraph(StoreConformance):
     exact = False
     recall_threshold = 0.9
     options = {"M": 4, "ef_construction": 16}
+    full_results_up_to = 10**9
 
 
 TestHNSWMachine = store_machine("hnsw", exact=False, recall_threshold=0.95).TestCase
@@ -278,3 +280,24 @@ def test_random_bytes_with_recomputed_manifests_never_crash_the_loader(tmp_path)
         cases.append(case)
     results = load_in_child(cases, randn(9, 4, 8).tolist())     # a crash fails inside load_in_child
     assert all(r["ok"] or r["error"] == "CorruptStoreError" for r in results)
+
+
+def test_calibration_reports_the_recall_its_knob_delivers_on_its_own_sample():
+    """A partition of at most QUERIES rows calibrates on all its keys, each leaving itself out: the
+    recall it reports is what a search at its ef gives those keys (own row dropped), recomputed here
+    against float64 brute force."""
+    from kvmem.testing.model import scores
+
+    keys = torch.randn(1, 500, 48, generator=torch.Generator().manual_seed(0))
+    store = kvmem.create("hnsw", dim=48, value_dim=1, dtype=torch.float32, M=4, ef_construction=8,
+                         target_recall=0.97)
+    store.add(keys, torch.zeros(1, 500, 1))
+    (cal,) = store.calibrate()
+    assert not cal.exact and cal.k == 32 and 0.9 < cal.recall < 1     # a sparse graph: recall is measurable
+    res = store.search(keys[0], cal.k + 1, ef=cal.value)
+    found = res.scores.masked_fill(res.ids == torch.arange(500)[:, None], float("-inf")).topk(cal.k, -1).values
+    truth = scores(keys[0].double().numpy(), keys[0].double().numpy(), "ip")
+    np.fill_diagonal(truth, -np.inf)
+    kth = -np.sort(-truth, 1)[:, cal.k - 1:cal.k]
+    delivered = (found.double().numpy() >= kth - 1e-5 * (1 + np.abs(kth))).mean()
+    assert delivered == pytest.approx(cal.recall, abs=1e-9)

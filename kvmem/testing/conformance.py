@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import kvmem
+from kvmem import persist
 from kvmem.testing.bad_inputs import BadInputConformance
 from kvmem.testing.checks import check_get, check_search
 from kvmem.testing.child import corruptions, load_in_child
@@ -36,6 +37,18 @@ __all__ = ["StoreConformance", "randn"]
 
 METRICS = ("ip", "l2", "cos")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def native_loaders() -> list[tuple[Any, str, int]]:
+    """``(owner, function, index of the path argument)`` through which backends hand saved files to native
+    code (or copy them)."""
+    import faiss
+    import hnswlib
+    import lmdb
+    import safetensors.torch
+
+    return [(safetensors.torch, "load_file", 0), (faiss, "read_index", 0), (lmdb, "open", 0),
+            (shutil, "copyfile", 0), (hnswlib.Index, "load_index", 1)]
 
 
 def randn(seed: int, *shape: int) -> torch.Tensor:
@@ -48,6 +61,8 @@ class StoreConformance(BadInputConformance):
     backend: ClassVar[str] = "exact"
     exact: ClassVar[bool] = True              # True: exact top-k; False: recall >= recall_threshold
     recall_threshold: ClassVar[float] = 1.0
+    full_results_up_to: ClassVar[int] = 0     # approximate backends: partitions of at most this many rows return
+    #                                           min(k, rows held) ids (searched exactly, or an index that fills k)
     options: ClassVar[dict[str, Any]] = {}    # backend options for every store of the suite
     needs_path: ClassVar[bool] = False        # create(path=...) (persistent backends)
     device: ClassVar[str | None] = None
@@ -80,9 +95,18 @@ class StoreConformance(BadInputConformance):
         return ids
 
     def check(self, store: kvmem.MemoryStore, model: BruteForceMemory, queries: torch.Tensor, k: int) -> None:
-        hits, wanted = check_search(store.search(queries, k), model, queries, k, exact=self.exact)
-        if not self.exact and wanted >= 50:
-            assert hits / wanted >= self.recall_threshold, f"recall {hits / wanted:.3f} < {self.recall_threshold}"
+        result = store.search(queries, k)
+        hits, wanted = check_search(result, model, queries, k, exact=self.exact)
+        if self.exact:
+            return
+        held = torch.tensor([model.count(p) for p in range(store.partitions)])
+        small = held <= self.full_results_up_to                                       # (P,)
+        real = (result.ids >= 0).sum(-1)                                              # (P, q)
+        assert (real[small] == held.clamp(max=k)[small, None]).all(), (
+            f"partitions of at most {self.full_results_up_to} rows return min(k, rows held) ids; "
+            f"got {real[small].tolist()} for {held.tolist()} rows held")
+        assert hits >= self.recall_threshold * wanted, (
+            f"recall {hits}/{wanted} = {hits / max(1, wanted):.3f} < {self.recall_threshold}")
 
     # ------------------------------------------------------------------ add / search
     def test_ids_are_issued_per_partition_in_insertion_order(self, make):
@@ -261,6 +285,39 @@ class StoreConformance(BadInputConformance):
         with pytest.raises(kvmem.InvalidInputError, match="not empty"):
             store.save(tmp_path / "mine")
         assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+    def test_checksums_are_verified_before_a_native_loader_sees_a_file(self, make, tmp_path, monkeypatch):
+        """Every file of a save that a native loader (safetensors, faiss, hnswlib, LMDB) or a copy reads has
+        passed its size and SHA-256 check first."""
+        store, _ = self._filled_for_save(make)
+        store.save(tmp_path / "saved")
+        saved = (tmp_path / "saved").resolve()
+        verified: set[Path] = set()
+        seen: list[Path] = []
+        late: list[str] = []
+        check = persist.verify_files
+
+        def verify(path: Path, manifest: dict[str, Any]) -> None:
+            check(path, manifest)
+            verified.update((Path(path) / e["name"]).resolve() for e in manifest["files"].values())
+
+        def guarded(name: str, real: Any, arg: int = 0) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                file = Path(str(args[arg])).resolve()
+                if file.parent == saved:
+                    seen.append(file)
+                    if file not in verified:
+                        late.append(f"{name}({file.name}) before its checksum was verified")
+                return real(*args, **kwargs)
+            return call
+
+        monkeypatch.setattr(persist, "verify_files", verify)
+        for owner, name, arg in native_loaders():
+            monkeypatch.setattr(owner, name, guarded(f"{owner.__name__}.{name}", getattr(owner, name), arg))
+        with kvmem.load(tmp_path / "saved") as loaded:
+            assert len(loaded) == len(store)
+        assert seen, "no native loader read the save: the spies are not where the backend loads"
+        assert not late, late
 
     def test_damaged_saves_raise_corrupt_store_error_in_a_child(self, make, tmp_path):
         store, model = make(partitions=2)
