@@ -216,3 +216,21 @@ def test_bad_inputs_raise_named_errors():
     with pytest.raises(InvalidInputError, match="positions"):
         MemoryAttention(store, num_heads=H, positions="relative")
     assert len(store) == 0
+
+
+@pytest.mark.parametrize("mode", ["absolute", "first"])
+def test_position_ids_per_batch_row(mode):
+    """position_ids (B, T) rotate each batch row at its own positions: the batch equals each row run alone."""
+    (q0, k0, v0), (q1, k1, v1) = chunks(4, (6, 5))
+    pos0 = torch.stack([torch.arange(6), torch.arange(3, 9)])               # row 1 starts later (left padding)
+    pos1 = torch.stack([torch.arange(6, 11), torch.arange(12, 17)])        # ...and skips three positions
+    batch = MemoryAttention(make_store(), num_heads=H, k=8, positions=mode, rope=RotaryEmbedding(D))
+    both = [batch(q0, k0, v0, position_ids=pos0), batch(q1, k1, v1, position_ids=pos1)]
+    for b in range(B):
+        store = kvmem.create("exact", dim=D, value_dim=D, partitions=HKV, dtype=torch.float32)
+        alone = MemoryAttention(store, num_heads=H, k=8, positions=mode, rope=RotaryEmbedding(D))
+        rows = [alone(q0[b:b + 1], k0[b:b + 1], v0[b:b + 1], position_ids=pos0[b]),
+                alone(q1[b:b + 1], k1[b:b + 1], v1[b:b + 1], position_ids=pos1[b])]
+        for got, want in zip(both, rows):
+            assert (got[b:b + 1] - want).abs().max().item() < 1e-5
+    assert (both[1][0] - both[1][1]).abs().max() > 1e-3      # the rows really differ

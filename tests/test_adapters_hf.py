@@ -316,3 +316,61 @@ def test_approximate_backends_agree_with_exact_on_top1(backend):
         adapter.detach()
     agreement = (preds[backend] == preds["exact"]).float().mean().item()
     assert agreement >= 0.99
+
+
+def test_layers_without_memory_compute_exactly_what_they_did_before():
+    """With memory on layer 0 only, layer 1's attention, given the inputs it gets, returns what the
+    unattached model's layer 1 returns for them, bit for bit."""
+    model, twin = tiny(seed=5), tiny(seed=5)
+    seen = {}
+
+    def capture(module, args, kwargs, output):
+        seen.update(args=args, kwargs=kwargs, output=output[0])
+
+    hook = model.model.layers[1].self_attn.register_forward_hook(capture, with_kwargs=True)
+    adapter = hf.attach(model, layers=[0], k=4, positions="first", chunk_size=8)
+    adapter.feed(tokens(1, 24))
+    with torch.no_grad():
+        model(tokens(1, 8, seed=6), use_cache=False)
+        alone = twin.model.layers[1].self_attn(*seen["args"], **seen["kwargs"])[0]
+    hook.remove()
+    assert torch.equal(seen["output"], alone)
+    adapter.detach()
+
+
+def test_search_options_reach_the_store():
+    """ivf with every list probed is exact search; with one list probed it is not, and the logits say so."""
+    ids, doc = tokens(1, 8, seed=7), tokens(1, 256, seed=8)
+    store_options = {"train_size": 64, "nlist": 8}
+    logits = {}
+    for name, backend, search in [("exact", "exact", {}), ("all-lists", "ivf", {"nprobe": 8}),
+                                  ("one-list", "ivf", {"nprobe": 1})]:
+        model = tiny(seed=9)
+        adapter = hf.attach(model, backend=backend, k=4, positions="first", chunk_size=64,
+                            store_options=store_options if backend == "ivf" else {}, search_options=search)
+        adapter.feed(doc)
+        with torch.no_grad():
+            logits[name] = model(ids).logits
+        adapter.detach()
+    assert (logits["all-lists"] - logits["exact"]).abs().max().item() < 1e-4
+    assert (logits["one-list"] - logits["exact"]).abs().max().item() > 1e-3
+
+
+def test_generate_with_left_padding_equals_the_unpadded_run():
+    doc = tokens(2, 32, seed=10)
+    prompts = tokens(2, 6, seed=11)
+    mask = torch.ones_like(prompts)
+    mask[1, :2] = 0                                         # row 1's prompt is 4 tokens, left-padded by 2
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    model = tiny("qwen2", seed=12)
+    adapter = hf.attach(model, k=8, positions="first", chunk_size=16)
+    adapter.feed(doc)
+    padded = model.generate(prompts, attention_mask=mask, **greedy)[:, 6:]
+    adapter.detach()
+    for row, prompt in ((0, prompts[:1]), (1, prompts[1:, 2:])):
+        alone_model = tiny("qwen2", seed=12)
+        alone = hf.attach(alone_model, k=8, positions="first", chunk_size=16)
+        alone.feed(doc[row:row + 1])
+        want = alone_model.generate(prompt, **greedy)[:, prompt.shape[1]:]
+        alone.detach()
+        assert torch.equal(padded[row:row + 1], want), (row, padded[row], want)
