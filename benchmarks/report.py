@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
-__all__ = ["markdown_table", "BenchResult", "LookupResult", "format_table", "print_table", "write_json",
+__all__ = ["markdown_table", "text_table", "BenchResult", "LookupResult", "format_table", "print_table", "write_json",
            "read_json", "machine_info", "progress"]
 
 T = TypeVar("T")
@@ -99,17 +99,21 @@ def format_table(records: Sequence[Any], columns: Sequence[str] | None = None) -
         return "(no results)"
     if columns is None:
         columns = [f.name for f in dataclasses.fields(records[0]) if f.name != "extra"]
-    rows = [[_cell(c, getattr(r, c, None)) for c in columns] for r in records]
-    numeric = [all(isinstance(getattr(r, c, None), (int, float)) for r in records) for c in columns]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    return text_table(columns, [[getattr(r, c, None) for c in columns] for r in records])
 
-    def line(cells: Sequence[str]) -> str:
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The plain-text twin of :func:`markdown_table`: aligned columns, numbers to the right."""
+    cells = [[v if isinstance(v, str) else _cell(h, v) for h, v in zip(header, row, strict=True)] for row in rows]
+    numeric = [all(isinstance(row[i], (int, float)) and not isinstance(row[i], bool) for row in rows)
+               for i in range(len(header))]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
+
+    def line(parts: Sequence[str]) -> str:
         return "  ".join(s.rjust(w) if num else s.ljust(w)
-                         for s, w, num in zip(cells, widths, numeric, strict=True)).rstrip()
+                         for s, w, num in zip(parts, widths, numeric, strict=True)).rstrip()
 
-    out = [line(columns), line(["-" * w for w in widths])]
-    out += [line(row) for row in rows]
-    return "\n".join(out)
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(row) for row in cells)])
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 from . import contenders as C
 from .datasets import Dataset, load_dataset
 from .recall import dataset_truth, recall_at_k
-from .report import BenchResult, machine_info, markdown_table, print_table, progress, write_json
+from .report import BenchResult, machine_info, markdown_table, progress, text_table, write_json
 
 __all__ = ["BenchConfig", "run", "render", "QUICK", "DEFAULT"]
 
@@ -79,7 +79,8 @@ def run(config: BenchConfig, *, verbose: bool = True) -> list[BenchResult]:
             built.close()
     results = [_with_ratio(r, seconds) for r in results]
     if verbose:
-        print_table(results)
+        print(text_table(*_table(results)))
+        print(fastest(results))
     config.out.mkdir(parents=True, exist_ok=True)
     write_json(results, config.out / "results.json", meta={"config": dataclasses.asdict(config), **machine_info()})
     if results and _can_plot():
@@ -89,20 +90,38 @@ def run(config: BenchConfig, *, verbose: bool = True) -> list[BenchResult]:
     return results
 
 
-def render(results: list[BenchResult]) -> str:
-    """The RESULTS.md table of one ``kvmem bench`` run."""
-    if not results:
-        return "(no results)\n"
-    e = results[0].extra
+HEADER = ("backend", "params", "build_s", "bytes_per_row", "qps", "recall", "time vs raw peer (same params, same run)")
+
+
+def _table(results: list[BenchResult]) -> tuple[tuple[str, ...], list[list[Any]]]:
+    """The columns of the table, printed by ``kvmem bench`` and written to RESULTS.md alike."""
     rows = []
     for r in results:
         ratio = r.extra.get("time_ratio")
         vs = f"{ratio:.2f} x {r.extra['vs']}" if ratio is not None else "–"
         rows.append([r.backend, r.params or "–", r.build_s, r.bytes_per_row, r.qps, r.recall, vs])
+    return HEADER, rows
+
+
+def fastest(results: list[BenchResult], recall: float = 0.95) -> str:
+    """One line: the contender with the most queries per second at ``recall`` or more."""
+    good = [r for r in results if r.recall >= recall]
+    if not good:
+        return f"No contender reached recall {recall}."
+    best = max(good, key=lambda r: r.qps)
+    params = ",".join(f"{k}={v}" for k, v in best.params.items())
+    return (f"Fastest at recall >= {recall}: {best.backend}{f' ({params})' if params else ''}, "
+            f"{best.qps:,.0f} QPS at recall {best.recall:.4f}.")
+
+
+def render(results: list[BenchResult]) -> str:
+    """The RESULTS.md table of one ``kvmem bench`` run."""
+    if not results:
+        return "(no results)\n"
+    e = results[0].extra
     head = (f"{e['dataset']} data, {e['n']:,} rows x {e['dim']}, {e['queries']} queries, k = {e['k']}, "
             f"metric {e['metric']}; QPS from the median of the timed batches.\n\n")
-    return head + markdown_table(["backend", "params", "build_s", "bytes_per_row", "qps", "recall",
-                                  "time vs raw peer (same params, same run)"], rows) + "\n"
+    return head + markdown_table(*_table(results)) + "\n\n" + fastest(results) + "\n"
 
 
 def _with_ratio(result: BenchResult, seconds: dict[tuple[str, str], float]) -> BenchResult:

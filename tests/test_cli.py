@@ -50,3 +50,5 @@ def test_bench_measures_every_backend_and_peer_and_writes_json_and_plot(tmp_path
     assert all(r["extra"]["vs"] in ("hnswlib", "faiss-ivf") and r["extra"]["time_ratio"] > 0 for r in swept)
     assert max(r["recall"] for r in rows["faiss-ivf"]) >= 0.95
     assert (tmp_path / "recall_qps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "time vs raw peer" in out.stdout and "x faiss-ivf" in out.stdout and "x hnswlib" in out.stdout
+    assert "Fastest at recall >= 0.95: " in out.stdout.splitlines()[-1]
