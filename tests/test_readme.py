@@ -44,5 +44,6 @@ def test_readme_example_runs(index, tmp_path):
     code = BLOCKS[index]
     if "class TestMyStore" in code:
         pytest.skip("a test-class template for third-party backends, not a script")
-    proc = subprocess.run([sys.executable, "-c", checked(code)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", checked(code)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, f"README example {index} failed:\n{code}\n{proc.stderr[-3000:]}"
