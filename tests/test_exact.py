@@ -100,3 +100,15 @@ def test_auto_ranking_is_exact_for_one_query_and_for_many():
     store.add(torch.randn(5000, 32, generator=gen), torch.zeros(5000, 1))
     for q in (1, 64):
         _oracle_check(store, torch.randn(1, q, 32, generator=gen), k=16)
+
+
+def test_a_score_does_not_depend_on_where_its_key_sits_among_the_candidates():
+    from kvmem.topk import exact_scores
+
+    gen = torch.Generator().manual_seed(0)
+    for dim, c in ((8, 50), (64, 33), (128, 80), (17, 5)):
+        queries, keys = torch.randn(2, 5, dim, generator=gen), torch.randn(2, 5, c, dim, generator=gen)
+        perm = torch.randperm(c, generator=gen)
+        for metric in ("ip", "l2", "cos"):
+            assert torch.equal(exact_scores(queries, keys, metric)[..., perm],
+                               exact_scores(queries, keys[:, :, perm], metric)), (dim, c, metric)

@@ -52,6 +52,7 @@ from kvmem.stores.sharded.wire import IDLE, Link, LostRankError
 __all__ = ["ShardedStore"]
 
 Message = tuple[dict[str, Any], list[torch.Tensor]]
+_GROUPS_IN_USE: set[int] = set()   # one sharded store per group at a time: their messages would mix
 
 
 class ShardedStore(MemoryStore):
@@ -60,6 +61,13 @@ class ShardedStore(MemoryStore):
 
     def __init__(self, config: StoreConfig, device: torch.device, group: Any, shard: Shard) -> None:
         super().__init__(config, device)
+        key = id(group if group is not None else dist.group.WORLD)
+        if key in _GROUPS_IN_USE:
+            shard.inner.close()
+            raise InvalidInputError("another sharded store is open on this process group: close it first, or give "
+                                    "each store a group of its own (group=torch.distributed.new_group(...))")
+        _GROUPS_IN_USE.add(key)
+        self._group_key = key
         self._link = Link(group, config.options["driver"], float(config.options["timeout"]))
         self._shard = shard
         self._lost: LostRankError | None = None
@@ -188,8 +196,7 @@ class ShardedStore(MemoryStore):
             for r in link.servers:
                 link.settle(r, link.post(r, verdict), "hello")
         if verdict["error"]:
-            self._shard.inner.close()
-            self._closed = True
+            self._finish()
             kind = CorruptStoreError if "CorruptStoreError" in verdict["error"] else InvalidInputError
             raise kind(verdict["error"])
         return reports
@@ -223,13 +230,13 @@ class ShardedStore(MemoryStore):
         while True:
             meta, tensors = link.receive(link.driver, None, IDLE)
             if meta["op"] == "abort":
-                self._closed = True
+                self._finish(close_inner=False)
                 raise LostRankError(meta["rank"], meta["message"] + f" (rank {link.rank} keeps its "
                                     f"{len(self._shard.inner)} rows)")
             answer = self._shard.handle(meta, [t.to(self.device) for t in tensors])
-            link.settle(link.driver, link.post(link.driver, *answer), meta["op"])
+            link.settle(link.driver, link.post(link.driver, *answer), meta["op"], IDLE)   # the driver keeps time
             if meta["op"] == "close":
-                self._closed = True
+                self._finish()
                 return
 
     # ------------------------------------------------------------------ the driving side
@@ -327,14 +334,19 @@ class ShardedStore(MemoryStore):
         """On the driver: close every shard and release the serving ranks. Idempotent."""
         if self._closed:
             return
-        if self._link.rank == self._link.driver and self._lost is None:
-            try:
+        try:
+            if self._link.rank == self._link.driver and self._lost is None:
                 with self._lock.write():
                     self._call("close")
-            finally:
-                self._closed = True
-        self._shard.inner.close()
+        finally:
+            self._finish()
+
+    def _finish(self, close_inner: bool = True) -> None:
+        """This rank is done with the store; its group is free for another (a lost rank's shard stays readable)."""
+        if close_inner:
+            self._shard.inner.close()
         self._closed = True
+        _GROUPS_IN_USE.discard(self._group_key)
 
 
 def _padded(rows: list[np.ndarray], partitions: int) -> np.ndarray:

@@ -70,6 +70,7 @@ class Link:
         self.lock = threading.Lock()
         self.comm_seconds = 0.0
         self.exchanges = 0
+        self.last_busy: dict[int, float] = {}   # seconds each rank worked on the last operation
 
     @property
     def servers(self) -> list[int]:
@@ -139,18 +140,25 @@ class Link:
         """Post ``requests[rank]`` to every serving rank, run ``local()`` meanwhile, receive every answer.
 
         Answers are ``(meta, tensors)``; ``meta["busy"]`` is the seconds a rank worked. The driver's
-        own answer is ``local()``'s. Raises :class:`LostRankError` naming the first rank that fails.
+        own answer is ``local()``'s. Raises :class:`LostRankError` naming the first rank that failed,
+        once every other rank's answer is in.
         """
         with self.lock:
             start = time.perf_counter()
             sent = {r: self.post(r, *requests[r]) for r in self.servers}
             answers = {self.driver: local()}
-            for r in self.servers:
-                op = requests[r][0].get("op")
-                self.settle(r, sent[r], op)
-                answers[r] = self.receive(r, op)
+            lost = None
+            for r in self.servers:             # past a lost rank, the others' answers are still taken in,
+                op = requests[r][0].get("op")  # so that no living rank is left waiting to send one
+                try:
+                    self.settle(r, sent[r], op)
+                    answers[r] = self.receive(r, op)
+                except LostRankError as exc:
+                    lost = lost or exc
+            if lost is not None:
+                raise lost
             wall = time.perf_counter() - start
-            busy = max((answers[r][0].get("busy", 0.0) for r in self.servers), default=0.0)
-            self.comm_seconds += max(0.0, wall - max(busy, answers[self.driver][0].get("busy", 0.0)))
+            self.last_busy = {r: answers[r][0].get("busy", 0.0) for r in answers}
+            self.comm_seconds += max(0.0, wall - max(self.last_busy.values()))
             self.exchanges += 1
             return answers
