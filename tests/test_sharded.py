@@ -104,6 +104,7 @@ def test_without_a_process_group_create_says_what_to_do():
 @pytest.mark.parametrize("options, message", [
     ({"inner": "sharded"}, "another backend"),
     ({"inner": "nope"}, "backend must be one of"),
+    ({"inner": "lmdb"}, "in-RAM backend"),
     ({"inner_options": {"nprobe": 4}}, "got 'nprobe' in inner_options"),
     ({"inner": "ivf", "inner_options": {"nlist": 0}}, "nlist"),
     ({"driver": -1}, "driver must be a rank"),

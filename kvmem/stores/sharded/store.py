@@ -1,8 +1,8 @@
 """``sharded``: one store spread over the ranks of a ``torch.distributed`` process group.
 
 Every rank calls ``kvmem.create("sharded", inner=..., ...)`` with the same
-arguments and holds a shard of every partition in an ``inner`` store (any
-backend, ``inner_options`` per shard). The ``driver`` rank (0 by default)
+arguments and holds a shard of every partition in an ``inner`` store (an in-RAM
+backend: exact, ivf, hnsw; ``inner_options`` per shard). The ``driver`` rank (0 by default)
 uses the store as a local one; the others call ``store.serve()``, which
 returns when the driver closes the store.
 
@@ -102,12 +102,14 @@ class ShardedStore(MemoryStore):
     def nbytes(self) -> int:
         """Bytes held by every shard together."""
         self._check_open()
-        return sum(meta["nbytes"] for meta, _ in self._call("count").values())
+        with self._lock.read():
+            return sum(meta["nbytes"] for meta, _ in self._call("count").values())
 
     def shard_counts(self) -> list[int]:
         """Rows held by each rank's shard."""
         self._check_open()
-        return [sum(meta["counts"]) for _, (meta, _) in sorted(self._call("count").items())]
+        with self._lock.read():
+            return [sum(meta["counts"]) for _, (meta, _) in sorted(self._call("count").items())]
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", inner={self._shard.inner.backend!r}, world={self.world})"
@@ -119,6 +121,9 @@ class ShardedStore(MemoryStore):
         if inner == cls.backend or not isinstance(inner, str):
             raise InvalidInputError(f"sharded option inner must name another backend; got {inner!r}")
         inner_cls = registry.resolve(inner)
+        if registry.specs[inner].marker:
+            raise InvalidInputError(f"sharded option inner must be an in-RAM backend (exact, ivf, hnsw); "
+                                    f"{inner} keeps its rows on disk in place, which shards do not support yet")
         given = options["inner_options"] or {}
         if not isinstance(given, Mapping):
             raise InvalidInputError(f"sharded option inner_options must be a dict; got {type(given).__name__}")
