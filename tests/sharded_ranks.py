@@ -230,11 +230,11 @@ def memory_attention(data):
         assert len(store) == len(local) == 2 * 96
 
 
-def refused(call, *fragments):
-    """``call()`` raises InvalidInputError on every rank, with every fragment in its message."""
+def refused(call, *fragments, kind=kvmem.InvalidInputError):
+    """``call()`` raises ``kind`` (on every rank), with every fragment in its message."""
     try:
         call()
-    except kvmem.InvalidInputError as exc:
+    except kind as exc:
         assert all(f in str(exc) for f in fragments), str(exc)
     else:
         raise AssertionError(f"no error; expected one saying {fragments}")
@@ -248,6 +248,19 @@ def mismatched_create_is_refused(data):
 @check
 def load_on_another_world_size(data):
     refused(lambda: kvmem.load(OUT.parent / "world-4" / "saved"), "holds 4 shards", "load it on 4 ranks")
+
+
+@check
+def damaged_shard_is_refused_on_every_rank(data):
+    path = OUT / "damaged"
+    store = sharded(dim=8, value_dim=4, partitions=2, dtype=torch.float32)
+    if store is not None:
+        with store:
+            store.add(randn(0, 2, 50, 8), randn(1, 2, 50, 4))
+            store.save(path)
+            rows = next(next(path.glob("shard-1.*")).glob("rows.*"))   # damaged before the ranks load
+            rows.write_bytes(rows.read_bytes()[:-64] + bytes(64))
+    refused(lambda: kvmem.load(path), "rank 1", "SHA-256", kind=kvmem.CorruptStoreError)
 
 
 @check

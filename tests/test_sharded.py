@@ -20,7 +20,7 @@ HERE = Path(__file__).parent
 FOUR = ["exact_identical", "exact_capacity_and_clear", "bad_input_changes_no_shard", "ivf_recall", "hnsw_recall",
         "save_then_load", "memory_attention", "lost_rank"]                           # lost_rank ends the group
 TWO = ["exact_identical", "one_partition_two_dimensional", "mismatched_create_is_refused",
-       "load_on_another_world_size"]
+       "load_on_another_world_size", "damaged_shard_is_refused_on_every_rank"]
 
 pytestmark = pytest.mark.timeout(300)
 

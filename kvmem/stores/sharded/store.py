@@ -177,7 +177,11 @@ class ShardedStore(MemoryStore):
         store = cls(config, device, None, shard)
         reports = store._handshake(config.to_dict(), problem, with_ids=True)
         if store.rank == store.driver:
-            store._restore_book(manifest, reports)
+            try:
+                store._restore_book(manifest, reports)
+            except CorruptStoreError:
+                store.close()                  # releases the serving ranks before the driver raises
+                raise
         return store
 
     def _handshake(self, config: dict[str, Any], problem: KvmemError | None = None,
