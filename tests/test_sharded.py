@@ -89,9 +89,10 @@ def test_a_killed_rank_is_named_within_the_timeout_and_the_living_keep_their_row
     assert "serving rank 2 is lost" in driver["error"] and driver["seconds"] < 5.0 + 2.0, driver
     assert "refuses further work" in driver["after"]
     assert driver["driver_held"] == driver["held_before"][0]
-    for rank in (1, 3):                                       # told by the driver, their serve() raised
+    for rank in (1, 3):     # their serve() raised: told by the driver, or seeing a connection drop
         served = _outcome(four, rank, "lost_rank")
-        assert "rank 2" in served["error"] and served["held"] == driver["held_before"][rank], served
+        assert "rank 2" in served["error"] or "lost its connection" in served["error"], served
+        assert served["held"] == driver["held_before"][rank], served
         assert four[rank]["returncode"] == 0
     assert four[2]["returncode"] == -9
 

@@ -129,10 +129,13 @@ class Link:
             raise self._lost(rank, op, exc) from exc
 
     def _lost(self, rank: int, op: str | None, exc: BaseException) -> LostRankError:
-        role = "the driver, rank" if rank == self.driver else "serving rank"
         what = f" during {op!r}" if op else ""
-        return LostRankError(rank, f"sharded store: {role} {rank} is lost{what} (timeout {self.timeout:g} s): "
-                                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
+        cause = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+        if self.rank != self.driver:       # gloo fails every pending operation when any peer's connection drops
+            return LostRankError(rank, f"sharded store: rank {self.rank} lost its connection{what} (the driver, "
+                                       f"rank {rank}, or another rank died): {cause}")
+        return LostRankError(rank, f"sharded store: serving rank {rank} is lost{what} (timeout {self.timeout:g} s): "
+                                   f"{cause}")
 
     # ------------------------------------------------------------------ one round of the driver
     def exchange(self, requests: dict[int, tuple[dict[str, Any], list[torch.Tensor]]], local: Any
@@ -145,11 +148,15 @@ class Link:
         """
         with self.lock:
             start = time.perf_counter()
-            sent = {r: self.post(r, *requests[r]) for r in self.servers}
+            sent, lost = {}, None              # past a lost rank, the others are still served and their
+            for r in self.servers:             # answers taken in, so that no living rank is left waiting
+                try:
+                    sent[r] = self.post(r, *requests[r])
+                except LostRankError as exc:
+                    lost = lost or exc
             answers = {self.driver: local()}
-            lost = None
-            for r in self.servers:             # past a lost rank, the others' answers are still taken in,
-                op = requests[r][0].get("op")  # so that no living rank is left waiting to send one
+            for r in sent:
+                op = requests[r][0].get("op")
                 try:
                     self.settle(r, sent[r], op)
                     answers[r] = self.receive(r, op)
