@@ -16,8 +16,8 @@ returns when the driver closes the store.
 - Messages are point-to-point on ``group`` (default: the world group):
   gloo for CPU tensors, nccl for CUDA. A rank that dies or does not answer
   within ``timeout`` seconds raises :class:`~kvmem.stores.sharded.wire.LostRankError`
-  (a ``KvmemError``) naming it; the living ranks keep every row they
-  acknowledged, and the store refuses further work.
+  (a ``KvmemError``) naming it on the driver; the living ranks keep every row
+  they acknowledged (their ``serve()`` raises), and the store refuses further work.
 - ``save(path)``: each rank writes its shard (``shard-<rank>.<tag>/``, an
   inner save) and the same ``manifest.json`` naming the world size; a save
   replaces the previous one only once every shard is written. ``kvmem.load``
