@@ -116,6 +116,18 @@ def _lmdb_render(data: Any) -> str:
     return lmdb_bench.render(data)
 
 
+def _sharded(out: Path) -> Any:
+    from . import sharded
+
+    return sharded.main(["--json", str(out / "sharded-raw.json")])
+
+
+def _sharded_render(data: Any) -> str:
+    from . import sharded
+
+    return sharded.render(data)
+
+
 SECTIONS: dict[str, Section] = {
     "exact": Section("`exact` against faiss `IndexFlatIP` and naive torch",
                      "python -m kvmem.benchmarks.exact_flat", _exact, _exact_render),
@@ -130,6 +142,8 @@ SECTIONS: dict[str, Section] = {
     "lmdb": Section("`lmdb`: ingest, exact streaming search, reopen, 16M rows",
                     "python -m kvmem.benchmarks.lmdb_bench --threads 1",
                     _lmdb, _lmdb_render),
+    "sharded": Section("`sharded`: 4 ranks x 1M rows against one process holding all 4M (issue 19)",
+                       "python -m kvmem.benchmarks.sharded", _sharded, _sharded_render),
 }
 
 

@@ -118,6 +118,14 @@ class IdBook:
         part = self._parts[partition]
         return part.id_at[:part.count].copy()
 
+    def ids_at(self, slots: np.ndarray) -> np.ndarray:
+        """Ids held at ``slots (P, ...)``; ``-1`` stays ``-1``."""
+        out = np.full(slots.shape, -1, np.int64)
+        for p, part in enumerate(self._parts):
+            held = slots[p] >= 0
+            out[p][held] = part.id_at[slots[p][held]]
+        return out
+
     def slots_of(self, ids: np.ndarray) -> np.ndarray:
         """Slots ``(P, m)`` of live ids ``(P, m)``; ``-1`` stays ``-1``. Unknown ids raise."""
         return np.stack([self.slots_in(p, ids[p]) for p in range(self.partitions)])

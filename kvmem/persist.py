@@ -31,7 +31,8 @@ from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError
 if TYPE_CHECKING:
     from kvmem.store import MemoryStore
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "save", "read_manifest", "verify_files", "fsync_dir"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "save", "check_target", "manifest_of", "write_manifest",
+           "read_manifest", "verify_files", "fsync_dir"]
 
 FORMAT = "kvmem-store"
 FORMAT_VERSION = 1
@@ -65,14 +66,39 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save(store: MemoryStore, path: Path) -> None:
-    """Write ``store`` to directory ``path`` (see the module docstring). Caller holds the store's lock."""
-    from kvmem import __version__
-
+def check_target(path: Path) -> None:
+    """Raise unless ``path`` can receive a save: absent, empty, or holding a kvmem save."""
     if path.exists() and not path.is_dir():
         raise InvalidInputError(f"save path must be a directory or not exist; {path} is a file")
     if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
         raise InvalidInputError(f"refusing to save into {path}: it is not empty and holds no kvmem save")
+
+
+def manifest_of(store: MemoryStore, files: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of a save of ``store`` whose data files are ``files`` (role -> name, bytes, sha256)."""
+    from kvmem import __version__
+
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kvmem_version": __version__,
+        "backend": store.backend, "config": store.config.to_dict(),
+        "counts": store._book.counts.tolist(), "next_ids": store._book.next_ids.tolist(), "files": files,
+    }
+
+
+def write_manifest(path: Path, manifest: dict[str, Any], tag: str) -> None:
+    """Replace ``path/manifest.json`` atomically (write, fsync, rename, fsync the directory)."""
+    tmp = path / f".{MANIFEST}.{tag}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / MANIFEST)
+    fsync_dir(path)
+
+
+def save(store: MemoryStore, path: Path) -> None:
+    """Write ``store`` to directory ``path`` (see the module docstring). Caller holds the store's lock."""
+    check_target(path)
     old = set(os.listdir(path)) if path.is_dir() else set()
     path.mkdir(parents=True, exist_ok=True)
     tag = secrets.token_hex(6)
@@ -81,18 +107,7 @@ def save(store: MemoryStore, path: Path) -> None:
         _fsync_file(path / name)
         size, sha = _digest(path / name)
         files[role] = {"name": name, "bytes": size, "sha256": sha}
-    manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kvmem_version": __version__,
-        "backend": store.backend, "config": store.config.to_dict(),
-        "counts": store._book.counts.tolist(), "next_ids": store._book.next_ids.tolist(), "files": files,
-    }
-    tmp = path / f".{MANIFEST}.{tag}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / MANIFEST)
-    fsync_dir(path)
+    write_manifest(path, manifest_of(store, files), tag)
     keep = {entry["name"] for entry in files.values()}
     for name in old - keep:  # the previous save's files and leftovers of interrupted saves, nothing else
         if _OURS.match(name) and (path / name).is_file():

@@ -49,6 +49,7 @@ _BUILTIN = (
     BackendSpec("ivf", "kvmem.stores.ivf:IVFStore", ("faiss",), "ivf"),
     BackendSpec("hnsw", "kvmem.stores.hnsw:HNSWStore", ("hnswlib",), "hnsw"),
     BackendSpec("lmdb", "kvmem.stores.lmdb:LMDBStore", ("lmdb", "msgpack"), "lmdb", marker="data.mdb"),
+    BackendSpec("sharded", "kvmem.stores.sharded:ShardedStore", ("torch.distributed",)),
 )
 
 

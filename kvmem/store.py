@@ -144,9 +144,8 @@ class MemoryStore(ABC):
         params = self._check_params(params)
         queries = queries.to(device=self.device, dtype=torch.float32)
         with self._lock.read(), self._session(write=False):
-            scores, slots = self._search(queries, k, params)
-            ids, keys, values = self._rows(slots)
-        result = SearchResult(*(t.to(where) for t in (scores, ids, keys, values)))
+            found = self._search_rows(queries, k, params)
+        result = SearchResult(*(t.to(where) for t in found))
         return SearchResult(*(t[0] for t in result)) if squeezed else result
 
     def get(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,6 +257,13 @@ class MemoryStore(ABC):
     @abstractmethod
     def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact scores ``(P, q, k)`` float32 best first and slots ``(P, q, k)`` (``-1``: none)."""
+
+    def _search_rows(self, queries: torch.Tensor, k: int,
+                     params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores, ids, keys and values of the top-``k`` (see :class:`SearchResult`); default: ``_search``
+        then ``_rows``. A backend that finds the rows with their ranks (``sharded``) answers in one step."""
+        scores, slots = self._search(queries, k, params)
+        return (scores, *self._rows(slots))
 
     @abstractmethod
     def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

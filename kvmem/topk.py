@@ -182,12 +182,17 @@ class RunningTopK:
 
 
 def exact_scores(queries: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
-    """float32 scores of ``queries (P, q, d)`` against their own ``keys (P, q, c, d)`` -> ``(P, q, c)``."""
+    """float32 scores of ``queries (P, q, d)`` against their own ``keys (P, q, c, d)`` -> ``(P, q, c)``.
+
+    A score depends only on its query and key, not on where the key sits among the ``c``
+    (a matrix-vector product per query; einsum's kernels round some columns differently),
+    so stores that split the candidates, as ``sharded`` does, score them as one store would.
+    """
     q = queries.float()
     k = keys.float()
     if metric == "l2":
         return -((q[:, :, None, :] - k) ** 2).sum(-1)
-    dots = torch.einsum("pqd,pqcd->pqc", q, k)
+    dots = torch.matmul(k, q[..., None])[..., 0]                                       # (P, q, c)
     if metric == "cos":
         norms = q.norm(dim=-1)[:, :, None] * k.norm(dim=-1)
         dots = torch.where(norms > 0, dots / norms.clamp(min=1e-30), torch.zeros_like(dots))

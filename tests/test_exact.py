@@ -203,3 +203,15 @@ def test_the_check_catches_a_wrong_answer(metric):
     wrong[0][:, :, K - 1] = torch.minimum(wrong[0][:, :, K - 1], wrong[0][:, :, K - 2])
     with pytest.raises(AssertionError):
         check_search(kvmem.SearchResult(*wrong), model, queries, K, exact=True)
+
+
+def test_a_score_does_not_depend_on_where_its_key_sits_among_the_candidates():
+    from kvmem.topk import exact_scores
+
+    gen = torch.Generator().manual_seed(0)
+    for dim, c in ((8, 50), (64, 33), (128, 80), (17, 5)):
+        queries, keys = torch.randn(2, 5, dim, generator=gen), torch.randn(2, 5, c, dim, generator=gen)
+        perm = torch.randperm(c, generator=gen)
+        for metric in ("ip", "l2", "cos"):
+            assert torch.equal(exact_scores(queries, keys, metric)[..., perm],
+                               exact_scores(queries, keys[:, :, perm], metric)), (dim, c, metric)
