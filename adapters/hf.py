@@ -284,6 +284,9 @@ class MemoryAdapter:
 def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapter:
     """Attach to ``model`` the memory that :meth:`MemoryAdapter.save` wrote at ``path``.
 
+    ``device``: where every layer's store goes; None puts each back on the device
+    it was saved from (on the CPU, with a ``RuntimeWarning``, where this machine lacks it).
+
     Raises :class:`CorruptStoreError` for a damaged save and
     :class:`InvalidInputError` for a model of another shape.
     """

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from kvmem.benchmarks.cuda_smoke import truth_scores
 
 import kvmem
 from kvmem import devices, topk
@@ -32,20 +33,8 @@ def emulated(monkeypatch):
     torch.set_num_threads(threads)
 
 
-def _truth(keys: torch.Tensor, queries: torch.Tensor, metric: str, k: int) -> np.ndarray:
-    """float64 top-k scores ``(P, q, k)`` of ``queries`` over stored ``keys (P, n, d)``."""
-    K, Q = keys.double(), queries.double()
-    if metric == "l2":
-        s = -(Q.pow(2).sum(-1)[..., None] - 2 * Q @ K.transpose(1, 2) + K.pow(2).sum(-1)[:, None])
-    else:
-        s = Q @ K.transpose(1, 2)
-        if metric == "cos":
-            s = s / (Q.norm(dim=-1)[..., None] * K.norm(dim=-1)[:, None])
-    return s.topk(k, -1).values.numpy()
-
-
 def _assert_exact(result, keys, queries, metric, k):
-    truth = _truth(keys, queries, metric, k)
+    truth = truth_scores(keys, queries, metric, k).numpy()
     scale = 1e-4 * (1 + np.abs(truth).max())
     np.testing.assert_allclose(result.scores.double().numpy(), truth, rtol=1e-4, atol=scale)
 
