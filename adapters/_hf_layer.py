@@ -199,7 +199,7 @@ class LayerMemory:
         writing = self.state.writing
         if writing and Tl != T:
             raise KvmemError(f"layer {self.layer_idx}: feed expects no KV cache, got {Tl - T} cached keys")
-        store = self._store(B, Hkv, d, value.shape[-1], key.dtype)
+        store = self._store(B, Hkv, d, value.shape[-1], key.dtype, key.device)
         mem_query, mem_key = self._views(query, key, kwargs.get("position_ids"), writing)
         out = memory_attention(
             query,
@@ -236,7 +236,7 @@ class LayerMemory:
             return query, rope.rotate(rope.unrotate(key, position_ids), zeros)
         return rope.unrotate(query, position_ids), (rope.unrotate(key, position_ids) if writing else None)
 
-    def _store(self, B, Hkv, d, dv, dtype):
+    def _store(self, B, Hkv, d, dv, dtype, device):
         partitions = B * Hkv
         store = self.store
         if store is not None and (store.partitions, store.dim, store.value_dim) != (partitions, d, dv):
@@ -248,16 +248,23 @@ class LayerMemory:
             store.close()
             store = self.store = None
         if store is None:
-            self.store = store = self._create(partitions, d, dv, dtype)
+            self.store = store = self._create(partitions, d, dv, dtype, device)
         return store
 
-    def _create(self, partitions, d, dv, dtype):
+    def _create(self, partitions, d, dv, dtype, device):
         options = dict(self.settings.store_options)
         options.setdefault("dtype", dtype)
         options.setdefault("metric", "ip")
+        options.setdefault("device", store_device(self.settings.backend, device))
         if options.get("path") is not None:
             options["path"] = str(Path(options["path"]) / f"layer-{self.layer_idx}")
         return kvmem.create(self.settings.backend, dim=d, value_dim=dv, partitions=partitions, **options)
+
+
+def store_device(backend: str, model_device: torch.device) -> torch.device:
+    """Where a layer's store lives by default: on the model's device where the backend can live there
+    (``exact``, ``lmdb``), else on the CPU (``ivf``, ``hnsw``: their indexes are in RAM)."""
+    return model_device if model_device.type in kvmem.registry[backend].devices else torch.device("cpu")
 
 
 def _bool_mask(mask: torch.Tensor | None, kv_length: int) -> torch.Tensor | None:

@@ -18,12 +18,14 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+import kvmem.devices
 from kvmem.errors import CorruptStoreError, InvalidInputError
 
 FORMAT = "kvmem.adapters.hf/1"
@@ -111,6 +113,23 @@ def from_jsonable(options: Mapping[str, Any]) -> dict[str, Any]:
                 raise CorruptStoreError(f"store_options[{key!r}]: not a torch dtype")
         out[key] = value
     return out
+
+
+def device_options(options: Mapping[str, Any], device: Any) -> dict[str, Any]:
+    """Saved ``store_options`` for a load onto ``device``: a device given replaces the saved one; with
+    None, a saved device this machine lacks is dropped with a ``RuntimeWarning`` (new stores then
+    follow the model; saved ones fall back as :func:`kvmem.load` does)."""
+    options = dict(options)
+    if device is not None:
+        options["device"] = device
+    elif options.get("device") is not None:
+        try:
+            kvmem.devices.resolve(options["device"])
+        except InvalidInputError:
+            warnings.warn(f"store_options device {options['device']!r} is not on this machine; new layer "
+                          "stores follow the model's device", RuntimeWarning, stacklevel=3)
+            del options["device"]
+    return options
 
 
 def _fsync_dir(path: Path) -> None:

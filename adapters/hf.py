@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 import kvmem
+import kvmem.devices
 from kvmem.errors import BackendUnavailableError, CorruptStoreError, InvalidInputError, KvmemError
 
 from . import _hf_layer as hfl
@@ -77,6 +78,8 @@ def attach(
         positions: "first" (LongLLaMA), "absolute" or "none"; see the module docstring.
         store_options: extra ``kvmem.create`` arguments (``dtype``, ``capacity``,
             ``device``, backend options); a ``path`` gets one ``layer-<i>`` folder per layer.
+            Stores live on the model's device where the backend can (``exact``, ``lmdb``),
+            else on the CPU; a ``device`` the backend cannot live on raises here.
         chunk_size: default window of ``feed`` (512 when None).
         search_options: per-call search parameters (``nprobe``, ``ef``).
     """
@@ -91,6 +94,7 @@ def attach(
         raise InvalidInputError(f"k: expected an int >= 0, got {k!r}")
     chunk_size = DEFAULT_CHUNK if chunk_size is None else _positive(chunk_size, "chunk_size")
     _check_backend(backend)
+    _check_device(backend, (store_options or {}).get("device"))
 
     if not type(model)._can_set_attn_implementation():
         raise InvalidInputError(
@@ -280,6 +284,9 @@ class MemoryAdapter:
 def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapter:
     """Attach to ``model`` the memory that :meth:`MemoryAdapter.save` wrote at ``path``.
 
+    ``device``: where every layer's store goes; None puts each back on the device
+    it was saved from (on the CPU, with a ``RuntimeWarning``, where this machine lacks it).
+
     Raises :class:`CorruptStoreError` for a damaged save and
     :class:`InvalidInputError` for a model of another shape.
     """
@@ -288,13 +295,14 @@ def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapt
     want, got = manifest["model"], persist.fingerprint(model)
     if want != got:
         raise InvalidInputError(f"model: expected a model shaped like {want}, got {got}")
+    store_options = persist.device_options(manifest["store_options"], device)
     adapter = attach(
         model,
         backend=manifest["backend"],
         layers=manifest["layers"],
         k=manifest["k"],
         positions=manifest["positions"],
-        store_options=manifest["store_options"],
+        store_options=store_options,
         chunk_size=manifest["chunk_size"],
         search_options=manifest["search_options"],
     )
@@ -327,6 +335,12 @@ def _check_backend(backend: Any) -> None:
         raise InvalidInputError(f"backend: expected one of {sorted(known)}, got {backend!r}")
     if not known[backend].available:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable here: {known[backend].reason}")
+
+
+def _check_device(backend: str, device: Any) -> None:
+    """A store device given to ``attach`` is one the backend lives on and this machine has."""
+    if device is not None:
+        kvmem.devices.resolve(device, backend, kvmem.registry[backend].devices)
 
 
 def _positive(value: Any, name: str) -> int:

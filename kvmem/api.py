@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvmem import persist
+from kvmem import devices, persist
 from kvmem.config import StoreConfig
-from kvmem.errors import InvalidInputError
+from kvmem.errors import CorruptStoreError, InvalidInputError
 from kvmem.registry import BackendInfo, registry
 from kvmem.store import MemoryStore
 
 __all__ = ["create", "load", "backends"]
-
-
-def _device(device: Any) -> torch.device:
-    if device is None:
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInputError(
-            f"device must be a torch device or its name (e.g. 'cpu', 'cuda:0'); got {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError(f"device {device!r} was asked for, but torch.cuda.is_available() is False")
-    if dev.type not in ("cpu", "cuda"):
-        raise InvalidInputError(f"device must be a CPU or CUDA device; got {device!r}")
-    return dev
 
 
 def create(backend: str = "exact", *, dim: int, value_dim: int | None = None, partitions: int = 1,
@@ -48,23 +34,45 @@ def create(backend: str = "exact", *, dim: int, value_dim: int | None = None, pa
         raise InvalidInputError(f"{backend} accepts options ({accepted}); got {unknown[0]!r}")
     config = StoreConfig(dim=dim, value_dim=dim if value_dim is None else value_dim, partitions=partitions,
                          metric=metric, dtype=dtype, capacity=capacity, options={**cls.defaults, **options})
-    dev = _device(device)
+    dev = devices.resolve(device, backend, cls.devices)
     cls.check_options(config.options, dev)
     return cls._create(config, dev, None if path is None else Path(path))
 
 
 def load(path: str | os.PathLike, device: Any = None) -> MemoryStore:
-    """Open anything ``save`` wrote, or a store directory a persistent backend keeps in place."""
+    """Open anything ``save`` wrote, or a store directory a persistent backend keeps in place.
+
+    ``device=None`` restores a save on the device it was saved from (on the CPU,
+    with a ``RuntimeWarning``, where this machine lacks it) and opens a store kept
+    in place (``lmdb``) on the CPU; a device given wins.
+    """
     path = Path(path)
-    dev = _device(device)
     if not (path / persist.MANIFEST).exists():
         for name, spec in registry.specs.items():
             if spec.marker and (path / spec.marker).exists():
-                return registry[name]._open_directory(path, dev)
+                cls = registry[name]
+                return cls._open_directory(path, devices.resolve(device, name, cls.devices))
     manifest, config = persist.read_manifest(path)
     cls = registry.resolve(manifest["backend"])
+    if device is None:
+        dev = devices.restore(manifest["device"], cls.backend, cls.devices)
+    else:
+        dev = devices.resolve(device, cls.backend, cls.devices)
     persist.verify_files(path, manifest)
-    return cls._open_saved(config, path, manifest, dev)
+    return cls._open_saved(_saved_config(cls, config, dev), path, manifest, dev)
+
+
+def _saved_config(cls: type[MemoryStore], config: StoreConfig, device: torch.device) -> StoreConfig:
+    """``config`` with the backend's options checked (a name it does not know is damage) and defaulted."""
+    unknown = sorted(set(config.options) - set(cls.defaults))
+    if unknown:
+        raise CorruptStoreError(f"manifest.json: {cls.backend} has no option {unknown[0]!r}")
+    config = dataclasses.replace(config, options={**cls.defaults, **config.options})
+    try:
+        cls.check_options(config.options, device)
+    except InvalidInputError as exc:
+        raise CorruptStoreError(f"manifest.json: {exc}") from None
+    return config
 
 
 def backends() -> dict[str, BackendInfo]:

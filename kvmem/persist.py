@@ -2,7 +2,7 @@
 
 A save is a directory::
 
-    manifest.json                  format, version, backend, config, counts, next ids, files
+    manifest.json                  format, version, backend, config, device, counts, next ids, files
     rows.<tag>.safetensors         keys, values and ids (in-RAM backends)
     <index>.<tag>.<ext>            backend files (faiss index, hnswlib graph, ...)
 
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmem.config import StoreConfig
+from kvmem.devices import device_name, valid_name
 from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "save", "check_target", "mani
            "read_manifest", "verify_files", "fsync_dir"]
 
 FORMAT = "kvmem-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                  # 2: the manifest records the store's device
 MANIFEST = "manifest.json"
 _MANIFEST_LIMIT = 16 << 20          # bytes; a manifest is a few KB
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -80,7 +81,7 @@ def manifest_of(store: MemoryStore, files: dict[str, Any]) -> dict[str, Any]:
 
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kvmem_version": __version__,
-        "backend": store.backend, "config": store.config.to_dict(),
+        "backend": store.backend, "config": store.config.to_dict(), "device": device_name(store.device),
         "counts": store._book.counts.tolist(), "next_ids": store._book.next_ids.tolist(), "files": files,
     }
 
@@ -145,6 +146,10 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], StoreConfig]:
     _require(isinstance(version, int) and 1 <= version <= FORMAT_VERSION,
              f"format_version {version!r} is not one this kvmem reads (1..{FORMAT_VERSION}); upgrade kvmem")
     _require(isinstance(manifest.get("backend"), str), "backend must be a string")
+    if version == 1:
+        manifest["device"] = "cpu"                                  # version 1 saved no device: CPU stores
+    _require(valid_name(manifest.get("device")),
+             f"device must be 'cpu' or 'cuda:N'; got {str(manifest.get('device'))[:40]!r}")
     try:
         config = StoreConfig.from_dict(manifest.get("config"))
     except (KvmemError, TypeError) as exc:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, NamedTuple
 import numpy as np
 import torch
 
-from kvmem import inputs
+from kvmem import devices, inputs
 from kvmem._lock import RWLock
 from kvmem.config import StoreConfig, dtype_name
 from kvmem.errors import InvalidInputError, KvmemError
@@ -56,6 +56,7 @@ class MemoryStore(ABC):
     backend: ClassVar[str] = ""
     search_params: ClassVar[frozenset[str]] = frozenset()   # names ``search`` accepts as ``**params``
     defaults: ClassVar[Mapping[str, Any]] = {}              # backend options ``create`` accepts, with defaults
+    devices: ClassVar[frozenset[str]] = frozenset({"cpu", "cuda"})  # device types the store can live on
 
     def __init__(self, config: StoreConfig, device: torch.device) -> None:
         self.config = config
@@ -136,6 +137,7 @@ class MemoryStore(ABC):
         """The top-``k`` rows of each query's partition; see :class:`SearchResult`.
 
         ``params`` are per call (``nprobe``, ``ef``, ...) and never change shared state.
+        Runs with TF32 and reduced-precision reductions off (:func:`kvmem.devices.exact_matmuls`).
         """
         self._check_open()
         where = inputs.out_device(queries)
@@ -143,7 +145,7 @@ class MemoryStore(ABC):
         k = inputs.check_k(k)
         params = self._check_params(params)
         queries = queries.to(device=self.device, dtype=torch.float32)
-        with self._lock.read(), self._session(write=False):
+        with self._lock.read(), self._session(write=False), devices.exact_matmuls():
             found = self._search_rows(queries, k, params)
         result = SearchResult(*(t.to(where) for t in found))
         return SearchResult(*(t[0] for t in result)) if squeezed else result

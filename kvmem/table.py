@@ -44,10 +44,13 @@ class RowTable:
         size = max(slots, int(self.allocated * 1.5), 1024)
         if self.capacity is not None:
             size = max(slots, min(size, self.capacity))
-        for name, old in self.data.items():
-            new = torch.zeros((self.partitions, size, *old.shape[2:]), dtype=old.dtype, device=self.device)
+        for name in list(self.data):                      # one column at a time has an old and a new copy
+            old = self.data[name]
+            new = torch.empty((self.partitions, size, *old.shape[2:]), dtype=old.dtype, device=self.device)
             new[:, :old.shape[1]] = old
+            new[:, old.shape[1]:].zero_()                 # only the new slots are zeroed, not the copied ones
             self.data[name] = new
+            del old
 
     def write(self, slots: np.ndarray, contiguous_from: int | None = None, **rows: torch.Tensor) -> None:
         """Write ``rows[name] (P, n, *tail)`` into ``slots (P, n)``. Call :meth:`reserve` first."""
@@ -95,10 +98,8 @@ class RowTable:
         index = self.flat_rows(slots, partitions)
         out = self.flat(name).index_select(0, index.reshape(-1))                       # flat[index]: 6x slower
         out = out.reshape(*slots.shape, *col.shape[2:])
-        missing = (slots < 0).to(self.device)
-        if bool(missing.any()):
-            out[missing] = 0
-        return out
+        missing = (slots < 0).to(self.device).view(*slots.shape, *([1] * (col.dim() - 2)))
+        return out.masked_fill_(missing, 0)                                            # no host sync
 
     def rows(self, name: str, partition: int, count: int) -> torch.Tensor:
         """The first ``count`` rows of one partition's column (a view)."""

@@ -7,8 +7,8 @@ memory of a call is O(block), whatever N is.
 Two ways to score a block:
 
 - **float32** ranking, and
-- **bfloat16** ranking (the default where a fast bfloat16 matmul exists: CUDA,
-  and CPUs with AVX512-BF16 or AMX).
+- **bfloat16** ranking (the default where a fast bfloat16 matmul exists: CUDA
+  devices of capability >= 8.0, and CPUs with AVX512-BF16 or AMX).
 
 Either way a block is ranked in the working dtype, ``k + margin`` candidates
 are kept and rescored exactly in float32 (:func:`exact_scores`), and each query
@@ -43,6 +43,8 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
+from kvmem import devices
+
 __all__ = ["KeySource", "RunningTopK", "blocked_search", "exact_scores", "fast_rank_dtype", "rank_dtype_for"]
 
 NEG_INF = float("-inf")
@@ -62,7 +64,7 @@ class _Limits(NamedTuple):
     query_rows: int      # partitions x queries per tile
 
 
-_LIMITS = {"cpu": _Limits(1 << 25, 1 << 17, 4096), "cuda": _Limits(1 << 30, 1 << 20, 65536)}
+_LIMITS = {"cpu": _Limits(1 << 25, 1 << 17, 4096), "cuda": _Limits(1 << 28, 1 << 20, 65536)}
 
 
 class KeySource(Protocol):
@@ -84,11 +86,13 @@ class KeySource(Protocol):
     def max_sqnorm(self) -> torch.Tensor:
         """Largest ``|k|^2`` of each partition's rows, ``(P,)`` float32 (an upper bound will do)."""
 
+    # optional: ``subset(partitions: list[int]) -> KeySource``, those partitions as a source of their own
+
 
 def fast_rank_dtype(device: torch.device) -> torch.dtype | None:
-    """bfloat16 where its matmul is fast (CUDA, AVX512-BF16/AMX CPUs), else None."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    """bfloat16 where its matmul is fast (CUDA capability >= 8.0 of ``device``, AVX512-BF16/AMX CPUs), else None."""
+    if devices.cuda_like(device):
+        return torch.bfloat16 if devices.fast_bf16(device) else None
     if device.type == "cpu":
         cpu = getattr(torch, "cpu", None)
         probe = getattr(cpu, "_is_avx512_bf16_supported", None)
@@ -127,7 +131,7 @@ class RunningTopK:
         self.values = torch.full((rows, k), NEG_INF, dtype=dtype, device=device)     # (R, k)
         self.columns = torch.full((rows, k), -1, dtype=torch.long, device=device)    # (R, k)
         self.threshold = self.values[:, 0].clone()                                    # (R,) k-th best so far
-        self._sparse = device.type == "cpu"
+        self._sparse = not devices.cuda_like(device)
         self._pushed = False            # before the first block every group passes: go dense at once
 
     def push(self, scores: torch.Tensor, first: int) -> None:
@@ -215,7 +219,7 @@ def _rank_keys(keys: torch.Tensor, sqnorm: torch.Tensor, metric: str, out: torch
     if out.dtype == torch.float64:
         keys = keys.double()
         sqnorm = keys.pow(2).sum(-1)            # a float32 |k|^2 would limit float64 ranking to float32's resolution
-    if keys.dtype == torch.float16 and out.dtype == torch.bfloat16 and out.device.type == "cpu":
+    if keys.dtype == torch.float16 and out.dtype == torch.bfloat16 and not devices.cuda_like(out.device):
         keys = keys.float()                     # CPUs have no fast float16 -> bfloat16 path; via float32 is 4x faster
     if metric == "cos":
         inv = torch.where(sqnorm > 0, sqnorm.clamp(min=1e-30).rsqrt(), torch.zeros_like(sqnorm))
@@ -244,7 +248,7 @@ class _BlockScorer:
         self.scores = torch.empty(P * q * rows, dtype=work, device=device)
         self.keys = torch.empty((P, rows, width), dtype=work, device=device)
         self.rounded_keys = False               # some key entered the matmul rounded (certificate bound)
-        self._numpy = device.type == "cpu" and work in (torch.float32, torch.float64)
+        self._numpy = not devices.cuda_like(device) and work in (torch.float32, torch.float64)
 
     def __call__(self, keys: torch.Tensor, sqnorm: torch.Tensor) -> torch.Tensor:
         if self.metric == "ip" and keys.dtype == self.work:
@@ -258,7 +262,7 @@ class _BlockScorer:
         if self._numpy:
             with _blas_threads(1 if q < _SMALL_Q else None):
                 np.matmul(self.qrows.numpy(), krows.numpy().transpose(0, 2, 1), out=block.numpy())
-        elif block.device.type == "cuda":
+        elif devices.cuda_like(block.device):
             torch.bmm(self.qrows, krows.transpose(1, 2), out=block)
         elif q == 1:                            # torch dispatches bf16 matvecs to oneDNN only as K @ q
             for p in range(P):
@@ -318,15 +322,38 @@ def blocked_search(source: KeySource, queries: torch.Tensor, k: int, metric: str
     counts = source.counts()
     if q == 0 or counts.max(initial=0) == 0:
         return scores, slots
-    limits = _LIMITS["cpu" if device.type == "cpu" else "cuda"]
-    budget = block_elems or limits.score_elems
-    tile = query_tile or max(1, limits.query_rows // P)
+    limits = _LIMITS["cuda" if devices.cuda_like(device) else "cpu"]
+    budget, tile = limits.score_elems, max(1, limits.query_rows // P)
+    if devices.cuda_like(device):
+        keep = k + _MARGIN[rank_dtype or torch.float32]
+        budget, tile = cuda_plan(P, keep, queries.shape[-1], (rank_dtype or torch.float32).itemsize,
+                                 devices.search_budget(devices.free_bytes(device)))
+    budget = block_elems or budget
+    tile = query_tile or tile
     work = rank_dtype or torch.float32
     for t in range(0, q, tile):
         part = slice(t, min(q, t + tile))
         scores[:, part], slots[:, part] = _search_tile(source, queries[:, part], k, metric, work, budget,
                                                        limits.max_rows)
     return scores, slots
+
+
+def cuda_plan(partitions: int, keep: int, dim: int, itemsize: int, budget: int) -> tuple[int, int]:
+    """``(score elements per block, queries per partition per tile)`` of a CUDA search holding at most
+    ``budget`` bytes (:func:`kvmem.devices.search_budget`).
+
+    Half the budget goes to the query rows of a tile: each holds its rescoring
+    (``keep`` gathered keys, their float32 copy and the l2 difference: 12 bytes
+    per element) and the running top-k's merge buffers (about 384 bytes per
+    candidate). What is left goes to the score block and the converted key
+    block beside it (half each, at most).
+    """
+    limits = _LIMITS["cuda"]
+    per_row = keep * (12 * dim + 384)
+    rows = min(limits.query_rows, budget // 2 // per_row)
+    tile = max(1, rows // partitions)
+    left = max(0, budget - tile * partitions * per_row)
+    return max(1024, min(limits.score_elems, left // (2 * itemsize))), tile
 
 
 def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
@@ -338,7 +365,7 @@ def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
     rows = _block_rows(P, q, d + 1, budget, int(counts.max()), converts, max_rows)
     score = _BlockScorer(queries, metric, work, rows)
     running = RunningTopK(P * q, keep, source.device, torch.float64 if work == torch.float64 else torch.float32)
-    held = torch.as_tensor(counts, device=source.device)[:, None, None]               # (P, 1, 1)
+    held = devices.from_host(counts, source.device)[:, None, None]                    # (P, 1, 1)
     for first, keys, sqnorm in source.blocks(rows):
         block = score(keys, sqnorm)                                                    # (P, q, b)
         b = block.shape[-1]
@@ -376,7 +403,7 @@ def _certified(queries: torch.Tensor, qrows: torch.Tensor, approx: torch.Tensor,
     kth = best[..., -1]
     if metric == "l2":
         kth = kth + queries.float().pow(2).sum(-1)                                       # into r = |q|^2 - |q-k|^2
-    counts = torch.as_tensor(source.counts(), device=qnorm.device)[:, None]
+    counts = devices.from_host(source.counts(), qnorm.device)[:, None]
     worst = worst + 2 * _U_F32 * kth.abs()                                             # kth itself is rounded
     return (left_out == NEG_INF) | (worst < kth) | (counts <= approx.shape[-1])
 
@@ -386,7 +413,7 @@ def _redo(source: KeySource, queries: torch.Tensor, k: int, metric: str, budget:
     """Search the uncertified queries again with a ``work`` ranking, in place."""
     for p in failed.any(1).nonzero().flatten().tolist():
         who = failed[p].nonzero().flatten()
-        sub = _Partition(source, p)
+        sub = source.subset([p]) if hasattr(source, "subset") else _Partition(source, p)   # gathers p's rows only
         s, i = _search_tile(sub, queries[p:p + 1, who], k, metric, work, budget, max_rows)
         best[p, who], best_slots[p, who] = s[0], i[0]
 

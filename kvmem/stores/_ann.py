@@ -205,6 +205,7 @@ class AnnStore(TableStore):
 
     param: ClassVar[str] = ""
     floor: ClassVar[int] = 1        # smallest knob value calibration tries
+    devices: ClassVar[frozenset[str]] = frozenset({"cpu"})   # the index is faiss / hnswlib in RAM
 
     def __init__(self, config: StoreConfig, device: torch.device) -> None:
         if device.type != "cpu":

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from kvmem import devices
 from kvmem.errors import CorruptStoreError
 from kvmem.stores._lmdb_format import COLUMNS, Block, BlockLayout, block_key
 
@@ -23,6 +24,7 @@ __all__ = ["Rows", "BlockKeys", "row_columns", "gather_columns"]
 
 
 _STAGE_ELEMS = 1 << 22     # keys staged per search step at most (16 MB as float32): stays in cache
+_CUDA_STAGE_ELEMS = 1 << 25  # per step towards a CUDA device (64 MB as float16), two such pinned buffers
 
 
 def _blocks_for(count: int, rows: int) -> int:
@@ -169,25 +171,41 @@ class BlockKeys:
     times over. float16 keys are always staged, and converted to float32 in
     that same pass: CPUs compute in float32, so the search would convert them
     anyway (float32 and bfloat16 keys are used as stored).
+
+    Towards a CUDA device (:func:`kvmem.devices.cuda_like`) every step is staged,
+    in steps as large as the search's blocks (up to 2**25 elements), into two
+    pinned buffers used in turn: one is copied to the device asynchronously
+    while the other is filled. Keys travel as stored (float16 too); the device converts.
     Valid only inside the transaction of ``rows``.
     """
 
     def __init__(self, rows: Rows, counts: np.ndarray, max_sqnorm: np.ndarray, device: torch.device,
                  partitions: list[int] | None = None) -> None:
         self._rows = rows
+        self._store_counts, self._store_max_sqnorm = counts, max_sqnorm
         self._which = list(range(len(counts))) if partitions is None else list(partitions)   # our p -> store's
         self._counts = counts[self._which]
         self._max_sqnorm = torch.as_tensor(max_sqnorm[self._which], dtype=torch.float32, device=device)
         self.partitions = len(self._which)
         self.device = device
-        self.dtype = torch.float32 if rows.layout.dtype == torch.float16 else rows.layout.dtype   # of yielded keys
+        self._cuda = devices.cuda_like(device)
+        widen = rows.layout.dtype == torch.float16 and not self._cuda
+        self.dtype = torch.float32 if widen else rows.layout.dtype                   # of yielded keys
 
     def counts(self) -> np.ndarray:
         return self._counts
 
+    def subset(self, partitions: list[int]) -> BlockKeys:
+        """Some of these partitions as a source of their own."""
+        return BlockKeys(self._rows, self._store_counts, self._store_max_sqnorm, self.device,
+                         [self._which[p] for p in partitions])
+
     def blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         B = self._rows.layout.rows
         top = int(self._counts.max(initial=0))
+        if self._cuda:
+            yield from self._blocks_to_device(rows, top)
+            return
         if self.partitions == 1 and rows < 2 * B and self.dtype == self._rows.layout.dtype:   # the map's blocks
             for b in range(_blocks_for(top, B)):
                 block = self._rows.block(self._which[0], b, self._rows._rows_in(top, b))
@@ -203,14 +221,35 @@ class BlockKeys:
             for s in range(0, keys.shape[1], rows):
                 yield first + s, keys[:, s:s + rows].to(self.device), sqnorm[:, s:s + rows].to(self.device)
 
-    def _stack(self, first: int, span: int, buffers):
-        """Slots ``[first, first + span)`` of every partition in ``(P, n, dim)`` and ``(P, n)`` buffers;
-        rows a partition does not hold are zero."""
+    def _blocks_to_device(self, rows: int, top: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The CUDA path of :meth:`blocks`: double-buffered pinned staging, asynchronous copies."""
+        B = self._rows.layout.rows
+        cap = max(B, _CUDA_STAGE_ELEMS // (self.partitions * self._rows.layout.dim))
+        span = max(B, min(max(rows, B), cap) // B * B)
+        pin = self.device.type == "cuda"
+        buffers: list = [None, None]
+        copied: list = [None, None]                         # per buffer: the event its last copy recorded
+        for step, first in enumerate(range(0, top, span)):
+            turn = step % 2
+            if copied[turn] is not None:
+                copied[turn].synchronize()                  # its previous copy is done: safe to refill
+            keys, sqnorm, buffers[turn] = self._stack(first, span, buffers[turn], pin)
+            keys = keys.to(self.device, non_blocking=True)
+            sqnorm = sqnorm.to(self.device, non_blocking=True)
+            if pin:
+                copied[turn] = torch.cuda.Event()
+                copied[turn].record()
+            for s in range(0, keys.shape[1], rows):
+                yield first + s, keys[:, s:s + rows], sqnorm[:, s:s + rows]
+
+    def _stack(self, first: int, span: int, buffers, pin: bool = False):
+        """Slots ``[first, first + span)`` of every partition in ``(P, n, dim)`` and ``(P, n)`` buffers
+        (pinned with ``pin``); rows a partition does not hold are zero."""
         layout, B = self._rows.layout, self._rows.layout.rows
         if buffers is None:
             size = min(span, int(self._counts.max()))
-            buffers = (torch.empty((self.partitions, size, layout.dim), dtype=self.dtype),
-                       torch.empty((self.partitions, size), dtype=torch.float32))
+            buffers = (torch.empty((self.partitions, size, layout.dim), dtype=self.dtype, pin_memory=pin),
+                       torch.empty((self.partitions, size), dtype=torch.float32, pin_memory=pin))
         keys, sqnorm = buffers
         n = min(span, int(self._counts.max()) - first)
         for p, c in enumerate(self._counts):

@@ -7,10 +7,12 @@ float32 and exact for the stored (rounded) keys.
 
 Options:
     ranking: ``"auto"`` (default) ranks with a certified bfloat16 matmul where it
-        is fast (CUDA, AVX512-BF16/AMX CPUs) and a call has at least 8 queries
+        is fast (CUDA capability >= 8.0, AVX512-BF16/AMX CPUs) and a call has at least 8 queries
         per partition or the keys are bfloat16 already (ip); ``"bf16"`` always
         does; ``"fp32"`` never does. Results are exact in every mode.
-    block_elems: score-block budget in elements (default 2**25 on CPU, 2**28 on CUDA).
+    block_elems: score-block budget in elements (default 2**25 on CPU; on CUDA at most 2**28, and with
+        the query tile and its rescoring within a quarter of the free device memory, at most 4 GiB:
+        :func:`kvmem.topk.cuda_plan`).
 
 Thread-safe: searches run concurrently; ``add``/``remove``/``clear`` take the write lock.
 """
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvmem import devices
 from kvmem.errors import InvalidInputError
 from kvmem.tablestore import TableStore
 from kvmem.topk import blocked_search, rank_dtype_for
@@ -80,8 +83,10 @@ class TableKeys:
     def __init__(self, store: TableStore, partitions: list[int] | None = None) -> None:
         if partitions is not None and list(partitions) == list(range(store.partitions)):
             partitions = None                                                           # all: views, no copies
+        self._store = store
         self._table = store._table
-        self._pick = None if partitions is None else torch.as_tensor(partitions, device=store.device)
+        self._parts = None if partitions is None else list(partitions)
+        self._pick = None if partitions is None else devices.from_host(self._parts, store.device)
         self._counts = store._book.counts if partitions is None else store._book.counts[partitions]
         self.partitions = store.partitions if partitions is None else len(partitions)
         self.device = store.device
@@ -91,13 +96,17 @@ class TableKeys:
         col = self._table.data[name]
         if self._pick is None:
             return col[:, first:first + rows]                                           # a view
-        if len(self._pick) == 1:
-            p = int(self._pick[0])
+        if len(self._parts) == 1:
+            p = self._parts[0]
             return col[p:p + 1, first:first + rows]                                     # a view
         return col[self._pick, first:first + rows]                                      # (P', b, ...), a copy
 
     def counts(self) -> np.ndarray:
         return self._counts
+
+    def subset(self, partitions: list[int]) -> TableKeys:
+        """Some of these partitions as a source of their own."""
+        return TableKeys(self._store, [p if self._parts is None else self._parts[p] for p in partitions])
 
     def blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         for first in range(0, int(self._counts.max(initial=0)), rows):
@@ -109,6 +118,6 @@ class TableKeys:
     def max_sqnorm(self) -> torch.Tensor:
         top = int(self._counts.max(initial=0))
         sq = self._column("sqnorm", 0, top)
-        counts = torch.as_tensor(self._counts, device=self.device)[:, None]
+        counts = devices.from_host(self._counts, self.device)[:, None]
         held = torch.arange(top, device=self.device)[None, :] < counts
         return sq.masked_fill(~held, 0).amax(1) if top else torch.zeros(self.partitions, device=self.device)
