@@ -18,7 +18,7 @@ import torch
 from ._hf_layer import MEMORY_ATTR, _bool_mask
 from .attention import _local_mask, _softmax
 
-ROWS = 64  # windows per forward
+ROWS = 256  # windows per forward
 
 
 def feed_write_only(adapter: Any, ids: torch.Tensor, window: int, return_logits: str):

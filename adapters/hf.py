@@ -232,7 +232,7 @@ class MemoryAdapter:
         self._state.tokens = self._state.offset = 0
 
     def crossbatch(self, d: int = 2, window: int | None = None):
-        """A context in which the model trains with CrossBatch; see :class:`~kvmem.adapters.crossbatch.CrossBatchTraining`."""
+        """A context in which the model trains with CrossBatch (:class:`.crossbatch.CrossBatchTraining`)."""
         from .crossbatch import CrossBatchTraining
 
         return CrossBatchTraining(self, d, self.chunk_size if window is None else window)

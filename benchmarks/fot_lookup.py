@@ -10,6 +10,7 @@ model without memory (its window only; chance is ``1 / values``).
     python -m kvmem.benchmarks.fot_lookup train --d 8 --out fot-run/crossbatch
     python -m kvmem.benchmarks.fot_lookup train --d 1 --out fot-run/control
     python -m kvmem.benchmarks.fot_lookup eval --models fot-run/crossbatch,fot-run/control --out fot-run
+    python -m kvmem.benchmarks.fot_lookup all --out fot-run           # the three commands above
     python -m kvmem.benchmarks.fot_lookup quick --out /tmp/fot        # all of it at tiny sizes
 
 Checkpoints are ``save_pretrained`` folders (safetensors) with a ``training.json``.
@@ -54,9 +55,8 @@ def evaluate(models: Mapping[str, Path], sizes: Sequence[int], backends: Sequenc
 
 
 def _evaluate_model(name, path, sizes, backends, queries, k, seed, max_rows, work, log):
-    from transformers import AutoModelForCausalLM
-
     from kvmem.adapters import hf
+    from transformers import AutoModelForCausalLM
 
     record = json.loads((path / "training.json").read_text())
     task = Task(**record["task"])
@@ -77,7 +77,7 @@ def _evaluate_model(name, path, sizes, backends, queries, k, seed, max_rows, wor
     bare = AutoModelForCausalLM.from_pretrained(path).eval()
     exact = adapters["exact"]
     layer = MEMORY_LAYERS[0]
-    fed, fill_s, add_s, rss0 = 0, 0.0, dict.fromkeys(backends, 0.0), {}
+    fed, fill_s, add_s = 0, 0.0, dict.fromkeys(backends, 0.0)
     results = []
     for size in sizes:
         start = time.perf_counter()
@@ -200,6 +200,16 @@ def run_eval(models: Mapping[str, Path], sizes, backends, out: Path, **kwargs: A
     return data
 
 
+def reproduce(out: Path, sizes: Sequence[int] = SIZES, threads: int = 1, **kwargs: Any) -> dict[str, Any]:
+    """Train the CrossBatch model and the d = 1 control under ``out``, then :func:`run_eval` both."""
+    torch.set_num_threads(threads)
+    models = {}
+    for name, d in (("crossbatch", TrainConfig().d), ("control", 1)):
+        train(Task(), TrainConfig(d=d), out / name, log=lambda m: print(m, flush=True))
+        models[name] = out / name
+    return run_eval(models, sizes, BACKENDS, out, log=lambda m: print(m, flush=True), **kwargs)
+
+
 def quick(out: Path) -> dict[str, Any]:
     """Everything at tiny sizes: two 20-step trainings, memories of 320 and 640 tokens, every backend."""
     task = Task(keys=8, values=8, window=20)
@@ -226,6 +236,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     e.add_argument("--queries", type=int, default=512)
     e.add_argument("--max-rows", default="hnsw=4194304", help="backend=rows,... largest memory per backend")
     e.add_argument("--out", required=True)
+    r = sub.add_parser("report", help="merge eval folders (models evaluated in separate processes)")
+    r.add_argument("--runs", required=True, help="comma-separated eval --out folders")
+    r.add_argument("--out", required=True)
+    a = sub.add_parser("all", help="train both models, then evaluate them")
+    a.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    a.add_argument("--out", required=True)
     q = sub.add_parser("quick", help="train and evaluate at tiny sizes")
     q.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -240,6 +256,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         limits = {b: int(n) for b, n in (kv.split("=") for kv in args.max_rows.split(",") if kv)}
         run_eval(models, [int(s) for s in args.sizes.split(",")], args.backends.split(","), Path(args.out),
                  queries=args.queries, max_rows=limits, log=lambda m: print(m, flush=True))
+    elif args.command == "report":
+        merged: dict[str, Any] = {"training": {}, "results": []}
+        for run in args.runs.split(","):
+            data = json.loads((Path(run) / "fot_lookup.json").read_text())
+            merged["training"].update(data["training"])
+            merged["results"] += data["results"]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fot_lookup.json").write_text(json.dumps(merged, indent=1))
+        _plot(merged["results"], Path(args.out) / "fot_lookup.png")
+        print(render(merged))
+    elif args.command == "all":
+        reproduce(Path(args.out), [int(x) for x in args.sizes.split(",")])
     else:
         out = Path(args.out or tempfile.mkdtemp(prefix="kvmem-fot-quick-"))
         quick(out)

@@ -1,11 +1,10 @@
 """The dictionary-lookup task of :mod:`kvmem.benchmarks.fot_lookup`, its model, and CrossBatch training.
 
 Tokens: ``SEP``, ``ASK``, ``values`` value tokens and ``keys`` key tokens.
-A dictionary entry is ``SEP v k1 k2 k3`` (the value first, so that the row of
-``k3`` holds the key ``k1 k2 k3`` and the value ``v`` behind it); a query is
-``ASK k1 k2 k3 v``: at ``k3`` the model must predict ``v``. A query's key
-tokens sit at the same offsets as an entry's, so one learned function of the
-last three tokens serves as the memory key and the memory query.
+A dictionary entry is ``SEP k1 k2 k3 v``; a query is ``ASK k1 k2 k3 v``: at
+``k3`` the model must predict ``v``. In memory the row of ``v`` holds the
+value token itself and, through the first layer's attention, the key tokens
+before it; the query's row of ``k3`` holds the same key tokens.
 
 Training documents (:func:`training_batch`) are windows of ``window`` tokens:
 a window of entries, then a window of queries about them in random order, so
@@ -45,8 +44,8 @@ class Task:
         return self.window // SLOT
 
     def entries(self, codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """codes (n,) in [0, keys**3), values (n,) -> (n, 5) tokens ``SEP v k1 k2 k3``."""
-        return torch.cat([torch.full_like(values, SEP)[:, None], (2 + values)[:, None], self._key(codes)], 1)
+        """codes (n,) in [0, keys**3), values (n,) -> (n, 5) tokens ``SEP k1 k2 k3 v``."""
+        return torch.cat([torch.full_like(values, SEP)[:, None], self._key(codes), (2 + values)[:, None]], 1)
 
     def queries(self, codes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """(n,), (n,) -> (n, 5) tokens ``ASK k1 k2 k3 v``."""
@@ -60,11 +59,12 @@ class Task:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    d: int = 32  # CrossBatch documents per memory (1: own previous window only)
+    d: int = 8  # CrossBatch documents per memory (1: own previous window only)
+    d_warmup: int = 0  # first steps trained with d = 1 (the value path), then d
     docs: int = 32  # documents per batch
     windows: int = 2  # windows per document: entries, queries, entries, ...
-    steps: int = 3000  # at most; training also stops at `minutes`
-    minutes: float = 25.0
+    steps: int = 6000  # at most; training also stops at `minutes`
+    minutes: float = 15.0
     lr: float = 5e-3
     warmup: int = 100
     positions: str = "none"  # memory position mode
@@ -139,23 +139,25 @@ def train(task: Task, config: TrainConfig, out: Path | None = None, log: Any = p
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(config.seed + 1)
     losses, start = [], time.perf_counter()
-    with adapter.crossbatch(d=config.d, window=task.window) as step:
-        for i in range(config.steps):
-            done = max(i / config.steps, (time.perf_counter() - start) / (60 * config.minutes))
-            if done >= 1:
-                break
-            lr = config.lr * min(1.0, (i + 1) / config.warmup) * (0.55 + 0.45 * math.cos(math.pi * done))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            ids, labels = training_batch(task, config.docs, config.windows, gen)
-            loss = step(ids, labels).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.item())
-            if i % 50 == 0:
-                log(f"step {i} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} ({time.perf_counter() - start:.0f} s)")
+    for phase_d, first, last in ((1, 0, config.d_warmup), (config.d, config.d_warmup, config.steps)):
+        with adapter.crossbatch(d=phase_d, window=task.window) as step:
+            for i in range(first, last):
+                done = max(i / config.steps, (time.perf_counter() - start) / (60 * config.minutes))
+                if done >= 1:
+                    break
+                lr = config.lr * min(1.0, (i + 1) / config.warmup) * (0.55 + 0.45 * math.cos(math.pi * done))
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                ids, labels = training_batch(task, config.docs, config.windows, gen)
+                loss = step(ids, labels).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                losses.append(loss.item())
+                if i % 50 == 0:
+                    log(f"step {i} d {phase_d} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
+                        f"({time.perf_counter() - start:.0f} s)")
     adapter.detach()
     record = {"task": asdict(task), "train": asdict(config), "steps": len(losses),
               "seconds": time.perf_counter() - start, "losses": losses,

@@ -116,6 +116,18 @@ def _lmdb_render(data: Any) -> str:
     return lmdb_bench.render(data)
 
 
+def _fot(out: Path) -> Any:
+    from . import fot_lookup
+
+    return fot_lookup.reproduce(out / "fot")
+
+
+def _fot_render(data: Any) -> str:
+    from . import fot_lookup
+
+    return fot_lookup.render(data)
+
+
 SECTIONS: dict[str, Section] = {
     "exact": Section("`exact` against faiss `IndexFlatIP` and naive torch",
                      "python -m kvmem.benchmarks.exact_flat", _exact, _exact_render),
@@ -130,6 +142,8 @@ SECTIONS: dict[str, Section] = {
     "lmdb": Section("`lmdb`: ingest, exact streaming search, reopen, 16M rows",
                     "python -m kvmem.benchmarks.lmdb_bench --threads 1",
                     _lmdb, _lmdb_render),
+    "fot": Section("Dictionary lookup with a CrossBatch-trained memory model (issue 18)",
+                   "python -m kvmem.benchmarks.fot_lookup all --out fot-run", _fot, _fot_render),
 }
 
 

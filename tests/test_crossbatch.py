@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-
 from kvmem.adapters import MemoryAttention, RotaryEmbedding
 from kvmem.adapters.crossbatch import crossbatch_attention, crossbatch_forward, memory_sources
+
 from kvmem.errors import InvalidInputError
 
 

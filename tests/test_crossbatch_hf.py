@@ -7,11 +7,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
-
 from kvmem.adapters import hf  # noqa: E402
 from kvmem.benchmarks import fot_lookup  # noqa: E402
 from kvmem.benchmarks.fot_task import Task, TrainConfig, train, training_batch  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
 from kvmem.errors import InvalidInputError, KvmemError  # noqa: E402
 
 
@@ -123,7 +123,7 @@ def test_training_batches_ask_the_entries_of_the_window_before():
     task = Task(keys=8, values=8, window=20)
     ids, labels = training_batch(task, 3, 2, torch.Generator().manual_seed(0))
     for b in range(3):
-        entries = {tuple(e[2:].tolist()): int(e[1]) for e in ids[b, :20].view(4, 5)}
+        entries = {tuple(e[1:4].tolist()): int(e[4]) for e in ids[b, :20].view(4, 5)}
         for q, lab in zip(ids[b, 20:].view(4, 5), labels[b, 20:].view(4, 5)):
             assert int(q[-1]) == entries[tuple(q[1:4].tolist())] == int(lab[-1])
         assert (labels[b, :20] == -100).all()
