@@ -162,8 +162,13 @@ def render(data: Mapping[str, Any]) -> str:
     table = markdown_table(["memory tokens", *(f"{m} {b}" for m, b in cols)], rows)
     timed = [r for r in results if r["backend"] != "window only"]
     first = timed[0]["model"] if timed else None
-    trows = [[f"{r['tokens']:,}", r["backend"], f"{r['fill_s']:.0f}", f"{r['add_s']:.0f}", f"{r['query_ms']:.2f}",
-              f"{r['ram_mb']:.0f}", f"{r['disk_mb']:.0f}"] for r in timed if r["model"] == first]
+    def num(r, key, fmt):
+        value = r.get(key)
+        return "–" if value is None or not math.isfinite(value) else format(value, fmt)
+
+    trows = [[f"{r['tokens']:,}", r["backend"], *(num(r, key, fmt) for key, fmt in (
+        ("fill_s", ".0f"), ("add_s", ".0f"), ("query_ms", ".2f"), ("ram_mb", ".0f"), ("disk_mb", ".0f")))]
+        for r in timed if r["model"] == first]
     times = markdown_table(["memory tokens", "backend", "fill s", "of it add s", "ms per query", "keys+values MB",
                             "disk MB"], trows)
     return "\n".join(lines) + "\n\nAccuracy:\n\n" + table + f"\n\nFill, query and size ({first}):\n\n" + times + "\n"
