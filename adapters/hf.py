@@ -171,9 +171,13 @@ class MemoryAdapter:
         """Tokens fed per sequence since the last reset."""
         return self._state.tokens
 
-    def feed(self, input_ids: Any, chunk_size: int | None = None, return_logits: str = "last"):
+    def feed(self, input_ids: Any, chunk_size: int | None = None, return_logits: str = "last",
+             search: bool = True):
         """Read ``input_ids`` (B, N) window by window into memory.
 
+        With ``search=False`` each window attends to itself only and is
+        written to memory without searching it; windows then run many at a
+        time (:mod:`._hf_fill`), which fills a large memory fast.
         Returns a ``CausalLMOutput`` whose ``logits`` are (B, 1, V) for the
         last token ("last") or (B, N, V) for every fed token ("all"). On an
         error part of a window may be in memory: call ``reset()``.
@@ -188,9 +192,15 @@ class MemoryAdapter:
             raise InvalidInputError(
                 f"input_ids: expected integer token ids (B, N) with N > 0, got {ids.dtype} {tuple(ids.shape)}"
             )
+        if not isinstance(search, bool):
+            raise InvalidInputError(f"search: expected a bool, got {search!r}")
         if return_logits not in ("last", "all"):
             raise InvalidInputError(f'return_logits: expected "last" or "all", got {return_logits!r}')
         window = self.chunk_size if chunk_size is None else _positive(chunk_size, "chunk_size")
+        if not search:
+            from ._hf_fill import feed_write_only
+
+            return feed_write_only(self, ids, window, return_logits)
         device = next(self.model.parameters()).device
         B, N = ids.shape
         absolute = self.settings.positions == "absolute"
@@ -224,6 +234,12 @@ class MemoryAdapter:
             if memory.store is not None:
                 memory.store.clear()
         self._state.tokens = self._state.offset = 0
+
+    def crossbatch(self, d: int = 2, window: int | None = None):
+        """A context in which the model trains with CrossBatch (:class:`.crossbatch.CrossBatchTraining`)."""
+        from .crossbatch import CrossBatchTraining
+
+        return CrossBatchTraining(self, d, self.chunk_size if window is None else window)
 
     def save(self, path: str | os.PathLike) -> None:
         """Save every layer's memory under the folder ``path``; see :func:`load`.

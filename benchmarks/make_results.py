@@ -128,6 +128,18 @@ def _sharded_render(data: Any) -> str:
     return sharded.render(data)
 
 
+def _fot(out: Path) -> Any:
+    from . import fot_lookup
+
+    return fot_lookup.reproduce(out / "fot")
+
+
+def _fot_render(data: Any) -> str:
+    from . import fot_lookup
+
+    return fot_lookup.render(data)
+
+
 SECTIONS: dict[str, Section] = {
     "exact": Section("`exact` against faiss `IndexFlatIP` and naive torch",
                      "python -m kvmem.benchmarks.exact_flat", _exact, _exact_render),
@@ -144,6 +156,8 @@ SECTIONS: dict[str, Section] = {
                     _lmdb, _lmdb_render),
     "sharded": Section("`sharded`: 4 ranks x 1M rows against one process holding all 4M (issue 19)",
                        "python -m kvmem.benchmarks.sharded", _sharded, _sharded_render),
+    "fot": Section("Dictionary lookup with a CrossBatch-trained memory model (issue 18)",
+                   "python -m kvmem.benchmarks.fot_lookup all --out fot-run", _fot, _fot_render),
 }
 
 

@@ -1,0 +1,284 @@
+"""Dictionary lookup with a trained memory model (Focused Transformer, arXiv 2307.03170, section 5).
+
+Trains a 2-layer decoder with a memory on its last layer with CrossBatch
+(:mod:`kvmem.adapters.crossbatch`), and a control trained the same way with
+``d = 1``, on the task of :mod:`kvmem.benchmarks.fot_task`; then fills a kvmem
+memory with a dictionary of up to 16M tokens (``feed(search=False)``) and asks
+it queries whose entries lie somewhere in it, for each backend, beside the same
+model without memory (its window only; chance is ``1 / values``).
+
+    python -m kvmem.benchmarks.fot_lookup train --d 8 --out fot-run/crossbatch
+    python -m kvmem.benchmarks.fot_lookup train --d 1 --out fot-run/control
+    python -m kvmem.benchmarks.fot_lookup eval --models fot-run/crossbatch,fot-run/control --out fot-run
+    python -m kvmem.benchmarks.fot_lookup all --out fot-run           # the three commands above
+    python -m kvmem.benchmarks.fot_lookup quick --out /tmp/fot        # all of it at tiny sizes
+
+Checkpoints are ``save_pretrained`` folders (safetensors) with a ``training.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .fot_task import MEMORY_LAYERS, SLOT, Task, TrainConfig, dictionary, query_windows, train
+from .report import markdown_table
+
+__all__ = ["evaluate", "render", "main", "SIZES", "MAX_ROWS"]
+
+SIZES = tuple(1 << s for s in range(14, 25, 2))  # 16k, 64k, 256k, 1M, 4M, 16M tokens
+BACKENDS = ("exact", "ivf", "hnsw", "lmdb")
+MAX_ROWS: dict[str, int] = {"hnsw": 1 << 22}  # largest memory a backend is built at (hnsw: build time)
+FEED_TOKENS = 1 << 16  # tokens per feed call while filling
+
+
+def evaluate(models: Mapping[str, Path], sizes: Sequence[int], backends: Sequence[str] = BACKENDS, *,
+             queries: int = 512, k: int = 32, seed: int = 0, max_rows: Mapping[str, int] = MAX_ROWS,
+             workdir: Path | None = None, log: Any = print) -> list[dict[str, Any]]:
+    """Accuracy, fill and query time and memory size per model, backend and memory size (tokens)."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="kvmem-fot-", dir=workdir) as work:
+        for name, path in models.items():
+            results += _evaluate_model(name, Path(path), sizes, backends, queries, k, seed, max_rows,
+                                       Path(work), log)
+    return results
+
+
+def _evaluate_model(name, path, sizes, backends, queries, k, seed, max_rows, work, log):
+    from kvmem.adapters import hf
+    from transformers import AutoModelForCausalLM
+
+    record = json.loads((path / "training.json").read_text())
+    task = Task(**record["task"])
+    positions = record["train"]["positions"]
+    W = task.window
+    sizes = sorted(s // W * W for s in sizes)
+    codes, values = dictionary(task, sizes[-1] // SLOT, seed)
+    adapters = {}
+    for backend in backends:
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        options: dict[str, Any] = {"dtype": torch.bfloat16}
+        if backend == "lmdb":
+            options["path"] = str(work / f"{name}-lmdb")
+        adapters[backend] = hf.attach(model, backend=backend, layers=MEMORY_LAYERS, k=k, positions=positions,
+                                      store_options=options, chunk_size=W)
+        adapters[backend].feed(torch.full((1, W), 0), search=False)  # makes the store (ids 0 .. W-1)
+        adapters[backend].reset()  # ids go on from W: they are never reused
+    bare = AutoModelForCausalLM.from_pretrained(path).eval()
+    exact = adapters["exact"]
+    layer = MEMORY_LAYERS[0]
+    fed, fill_s, add_s = 0, 0.0, dict.fromkeys(backends, 0.0)
+    results = []
+    for size in sizes:
+        start = time.perf_counter()
+        while fed < size:  # the model reads the dictionary into the exact store, window by window
+            n = min(FEED_TOKENS, size - fed)
+            first, last = fed // SLOT, (fed + n) // SLOT
+            tokens = task.entries(codes[first:last], values[first:last]).view(1, -1)
+            exact.feed(tokens, search=False)
+            fed += n
+        fill_s += time.perf_counter() - start
+        ids, where, answers = query_windows(task, codes[: size // SLOT], values[: size // SLOT], queries, seed + 1)
+        window_only, bare_s = _accuracy(bare, ids, where, answers)
+        results.append({"model": name, "backend": "window only", "tokens": size, "accuracy": window_only,
+                        "query_ms": 1e3 * bare_s / answers.numel()})
+        log(f"{name} {size:,} tokens: window only {window_only:.3f}")
+        for backend, adapter in adapters.items():
+            store = adapter.stores[layer]
+            if size > max_rows.get(backend, size):
+                continue
+            if backend != "exact":
+                add_s[backend] += _copy_rows(exact.stores[layer], store, base=W)
+            acc, query_s = _accuracy(adapter.model, ids, where, answers)
+            results.append({"model": name, "backend": backend, "tokens": size, "accuracy": acc,
+                            "fill_s": fill_s + add_s[backend], "add_s": add_s[backend],
+                            "query_ms": 1e3 * query_s / answers.numel(), "rows": len(store),
+                            "disk_mb": _disk_mb(work / f"{name}-lmdb") if backend == "lmdb" else 0.0,
+                            "ram_mb": _ram_mb(store)})
+            log(f"{name} {size:,} tokens: {backend} {acc:.3f} (fill {fill_s + add_s[backend]:.0f} s, "
+                f"{results[-1]['query_ms']:.2f} ms/query)")
+    for adapter in adapters.values():
+        adapter.detach()
+    return results
+
+
+def _copy_rows(source: Any, store: Any, base: int) -> float:
+    """Add the rows of ``source`` (ids from ``base``) that ``store`` lacks; returns the seconds of the adds."""
+    seconds, block = 0.0, 1 << 18
+    for first in range(len(store), len(source), block):
+        ids = base + torch.arange(first, min(first + block, len(source)))
+        keys, values = source.get(ids)
+        start = time.perf_counter()
+        store.add(keys, values)
+        seconds += time.perf_counter() - start
+    return seconds
+
+
+def _accuracy(model, ids, where, answers) -> tuple[float, float]:
+    """Fraction of answers predicted (argmax over the vocabulary) at the queries' k3 positions; seconds."""
+    correct, seconds = 0, 0.0
+    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    with torch.no_grad():
+        for w in range(ids.shape[0]):  # one window per forward: the memory has one partition per head
+            start = time.perf_counter()
+            logits = model(input_ids=ids[w : w + 1], position_ids=pos, use_cache=False).logits[0]  # (W, V)
+            seconds += time.perf_counter() - start
+            correct += int((logits[where[w]].argmax(-1) == 2 + answers[w]).sum())
+    return correct / answers.numel(), seconds
+
+
+def _ram_mb(store: Any) -> float:
+    """Bytes of keys and values held, as stored (index overheads not counted)."""
+    item = torch.empty(0, dtype=store.dtype).element_size()
+    return len(store) * (store.dim + store.value_dim) * item / 2**20
+
+
+def _disk_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20 if path.exists() else 0.0
+
+
+def render(data: Mapping[str, Any]) -> str:
+    """Training summary, then accuracy by memory size, model and backend, then times and sizes."""
+    lines = []
+    for name, t in data["training"].items():
+        lines.append(f"- **{name}** (d = {t['train']['d']}): {t['steps']} steps in {t['seconds'] / 60:.1f} min, "
+                     f"final loss {t['final_loss']:.3f} (mean of the last 50 steps; chance "
+                     f"ln {t['task']['values']} = {math.log(t['task']['values']):.2f})")
+    results = data["results"]
+    cols = list(dict.fromkeys((r["model"], r["backend"]) for r in results))
+    sizes = sorted({r["tokens"] for r in results})
+    acc = {(r["model"], r["backend"], r["tokens"]): r["accuracy"] for r in results}
+    rows = [[f"{s:,}", *(f"{acc[(m, b, s)]:.3f}" if (m, b, s) in acc else "–" for m, b in cols)] for s in sizes]
+    table = markdown_table(["memory tokens", *(f"{m} {b}" for m, b in cols)], rows)
+    timed = [r for r in results if r["backend"] != "window only"]
+    first = timed[0]["model"] if timed else None
+    def num(r, key, fmt):
+        value = r.get(key)
+        return "–" if value is None or not math.isfinite(value) else format(value, fmt)
+
+    trows = [[f"{r['tokens']:,}", r["backend"], *(num(r, key, fmt) for key, fmt in (
+        ("fill_s", ".0f"), ("add_s", ".0f"), ("query_ms", ".2f"), ("ram_mb", ".0f"), ("disk_mb", ".0f")))]
+        for r in timed if r["model"] == first]
+    times = markdown_table(["memory tokens", "backend", "fill s", "of it add s", "ms per query", "keys+values MB",
+                            "disk MB"], trows)
+    return "\n".join(lines) + "\n\nAccuracy:\n\n" + table + f"\n\nFill, query and size ({first}):\n\n" + times + "\n"
+
+
+def _plot(results: Sequence[Mapping[str, Any]], path: Path) -> None:
+    from .plot import _entries, _figure, _save
+
+    fig, ax = _figure()
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        lines.setdefault(f"{r['model']} {r['backend']}", []).append((r["tokens"], r["accuracy"]))
+    for label, points in lines.items():
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=label, linestyle="--" if "window" in label else "-")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(_entries)
+    ax.set_xlabel("tokens in memory")
+    ax.set_ylabel("lookup accuracy")
+    ax.set_ylim(0, 1.02)
+    _save(fig, ax, path, "dictionary lookup with a CrossBatch-trained memory")
+
+
+def run_eval(models: Mapping[str, Path], sizes, backends, out: Path, **kwargs: Any) -> dict[str, Any]:
+    results = evaluate(models, sizes, backends, **kwargs)
+    training = {name: json.loads((Path(p) / "training.json").read_text()) for name, p in models.items()}
+    for t in training.values():
+        t.pop("losses", None)
+    data = {"training": training, "results": results}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fot_lookup.json").write_text(json.dumps(data, indent=1))
+    _plot(results, out / "fot_lookup.png")
+    print(render(data))
+    return data
+
+
+def reproduce(out: Path, sizes: Sequence[int] = SIZES, threads: int = 1, **kwargs: Any) -> dict[str, Any]:
+    """Train the CrossBatch model and the d = 1 control under ``out``, then :func:`run_eval` both."""
+    torch.set_num_threads(threads)
+    models = {}
+    for name, d in (("crossbatch", TrainConfig().d), ("control", 1)):
+        train(Task(), TrainConfig(d=d), out / name, log=lambda m: print(m, flush=True))
+        models[name] = out / name
+    return run_eval(models, sizes, BACKENDS, out, log=lambda m: print(m, flush=True), **kwargs)
+
+
+def quick(out: Path) -> dict[str, Any]:
+    """Everything at tiny sizes: two 20-step trainings, memories of 320 and 640 tokens, every backend."""
+    task = Task(keys=8, values=8, window=20)
+    models = {}
+    for name, d in (("crossbatch", 2), ("control", 1)):
+        config = TrainConfig(d=d, docs=2, windows=3, steps=20, minutes=5.0)
+        train(task, config, out / name, log=lambda *_: None)
+        models[name] = out / name
+    return run_eval(models, [320, 640], BACKENDS, out, queries=8, max_rows={}, log=lambda *_: None)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one model with CrossBatch")
+    for field, value in asdict(TrainConfig()).items():
+        t.add_argument(f"--{field}", type=type(value), default=value)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    t.add_argument("--out", required=True)
+    e = sub.add_parser("eval", help="fill memories and measure lookup accuracy")
+    e.add_argument("--models", required=True, help="comma-separated checkpoint folders")
+    e.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    e.add_argument("--backends", default=",".join(BACKENDS))
+    e.add_argument("--queries", type=int, default=512)
+    e.add_argument("--max-rows", default="hnsw=4194304", help="backend=rows,... largest memory per backend")
+    e.add_argument("--out", required=True)
+    r = sub.add_parser("report", help="merge eval folders (models evaluated in separate processes)")
+    r.add_argument("--runs", required=True, help="comma-separated eval --out folders")
+    r.add_argument("--out", required=True)
+    a = sub.add_parser("all", help="train both models, then evaluate them")
+    a.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    a.add_argument("--out", required=True)
+    q = sub.add_parser("quick", help="train and evaluate at tiny sizes")
+    q.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        config = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
+        record = train(Task(), config, Path(args.out), log=lambda m: print(m, flush=True))
+        print(f"{record['steps']} steps, {record['seconds']:.0f} s, final loss {record['final_loss']:.4f}")
+    elif args.command == "eval":
+        models = {Path(p).name: Path(p) for p in args.models.split(",")}
+        limits = {b: int(n) for b, n in (kv.split("=") for kv in args.max_rows.split(",") if kv)}
+        run_eval(models, [int(s) for s in args.sizes.split(",")], args.backends.split(","), Path(args.out),
+                 queries=args.queries, max_rows=limits, log=lambda m: print(m, flush=True))
+    elif args.command == "report":
+        merged: dict[str, Any] = {"training": {}, "results": []}
+        for run in args.runs.split(","):
+            data = json.loads((Path(run) / "fot_lookup.json").read_text())
+            merged["training"].update(data["training"])
+            merged["results"] += data["results"]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "fot_lookup.json").write_text(json.dumps(merged, indent=1))
+        _plot(merged["results"], Path(args.out) / "fot_lookup.png")
+        print(render(merged))
+    elif args.command == "all":
+        reproduce(Path(args.out), [int(x) for x in args.sizes.split(",")])
+    else:
+        out = Path(args.out or tempfile.mkdtemp(prefix="kvmem-fot-quick-"))
+        quick(out)
+        if args.out is None:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
