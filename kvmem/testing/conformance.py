@@ -169,6 +169,13 @@ class StoreConformance(BadInputConformance):
         assert isinstance(res.scores, torch.Tensor) and res.scores.device.type == "cpu"
         check_search(res, model, torch.from_numpy(queries), 3, exact=self.exact)
 
+    def test_k_of_one_and_half_precision_numpy_input(self, make):
+        store, model = make(partitions=2, dtype=torch.float16)
+        keys, values = randn(0, 2, 30, 8).numpy().astype(np.float16), randn(1, 2, 30, 4).numpy().astype(np.float16)
+        store.add(keys, values)
+        model.add(keys, values)
+        self.check(store, model, randn(2, 2, 5, 8), k=1)
+
     # ------------------------------------------------------------------ get / remove / clear
     def test_get_returns_the_stored_rows(self, make):
         store, model = make(partitions=2, dtype=torch.float16)
