@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from kvmem import persist
+from kvmem import inputs, persist
 from kvmem.config import StoreConfig
-from kvmem.errors import InvalidInputError
+from kvmem.errors import InvalidInputError, path_error
 from kvmem.registry import BackendInfo, registry
 from kvmem.store import MemoryStore
 
@@ -22,7 +22,7 @@ def _device(device: Any) -> torch.device:
         return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
+    except (RuntimeError, TypeError, ValueError) as exc:
         raise InvalidInputError(
             f"device must be a torch device or its name (e.g. 'cpu', 'cuda:0'); got {device!r}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -50,21 +50,43 @@ def create(backend: str = "exact", *, dim: int, value_dim: int | None = None, pa
                          metric=metric, dtype=dtype, capacity=capacity, options={**cls.defaults, **options})
     dev = _device(device)
     cls.check_options(config.options, dev)
-    return cls._create(config, dev, None if path is None else Path(path))
+    per_row, limit = inputs.row_bytes(config.dim, config.value_dim, config.dtype), inputs.byte_limit(dev)
+    if per_row > limit:
+        raise InvalidInputError(f"a row of dim={config.dim:,} and value_dim={config.value_dim:,} takes {per_row:,} "
+                                f"bytes, over the limit of {limit:,} bytes for one call ({inputs.LIMIT_ENV})")
+    inputs.check_rows(f"create({backend!r})", "partitions", config.partitions, 1, cls.partition_bytes(config), dev,
+                      rows="partitions")
+    path = None if path is None else inputs.path(path, "path")
+    try:
+        return cls._create(config, dev, path)
+    except OSError as exc:                                     # the directory at path cannot be made
+        raise path_error(exc, f"cannot create a {backend} store at {path}") from exc
 
 
 def load(path: str | os.PathLike, device: Any = None) -> MemoryStore:
     """Open anything ``save`` wrote, or a store directory a persistent backend keeps in place."""
-    path = Path(path)
+    path = inputs.path(path, "path")
     dev = _device(device)
-    if not (path / persist.MANIFEST).exists():
-        for name, spec in registry.specs.items():
-            if spec.marker and (path / spec.marker).exists():
-                return registry[name]._open_directory(path, dev)
+    kept_in_place = in_place(path)
+    if kept_in_place is not None:
+        return kept_in_place._open_directory(path, dev)
     manifest, config = persist.read_manifest(path)
     cls = registry.resolve(manifest["backend"])
     persist.verify_files(path, manifest)
     return cls._open_saved(config, path, manifest, dev)
+
+
+def in_place(path: Path) -> type[MemoryStore] | None:
+    """The persistent backend keeping a store in place at ``path`` (its marker file, no save manifest)."""
+    try:
+        if (path / persist.MANIFEST).exists():
+            return None
+        for name, spec in registry.specs.items():
+            if spec.marker and (path / spec.marker).exists():
+                return registry[name]
+    except OSError as exc:
+        raise path_error(exc, f"cannot open {path}") from exc
+    return None
 
 
 def backends() -> dict[str, BackendInfo]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmem.config import StoreConfig
-from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError
+from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError, path_error
 
 if TYPE_CHECKING:
     from kvmem.store import MemoryStore
@@ -69,12 +69,15 @@ def save(store: MemoryStore, path: Path) -> None:
     """Write ``store`` to directory ``path`` (see the module docstring). Caller holds the store's lock."""
     from kvmem import __version__
 
-    if path.exists() and not path.is_dir():
-        raise InvalidInputError(f"save path must be a directory or not exist; {path} is a file")
-    if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
-        raise InvalidInputError(f"refusing to save into {path}: it is not empty and holds no kvmem save")
-    old = set(os.listdir(path)) if path.is_dir() else set()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.exists() and not path.is_dir():
+            raise InvalidInputError(f"save path must be a directory or not exist; {path} is a file")
+        if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST).exists():
+            raise InvalidInputError(f"refusing to save into {path}: it is not empty and holds no kvmem save")
+        old = set(os.listdir(path)) if path.is_dir() else set()
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise path_error(exc, f"cannot save to {path}") from exc
     tag = secrets.token_hex(6)
     files = {}
     for role, name in store._save_files(path, tag).items():
