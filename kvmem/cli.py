@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvmem.errors import KvmemError
+from kvmem.errors import InvalidInputError, KvmemError, path_error
 
 __all__ = ["main", "describe"]
 
@@ -83,6 +83,7 @@ def _sweep(text: str) -> tuple[int, ...]:
 def _bench(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from kvmem import inputs
     from kvmem.benchmarks import runner
 
     base = runner.QUICK if args.quick else runner.DEFAULT
@@ -90,14 +91,20 @@ def _bench(args: argparse.Namespace) -> int:
         ("size", args.size), ("dim", args.dim), ("k", args.k), ("queries", args.queries),
         ("dataset", args.dataset), ("metric", args.metric), ("dtype", args.dtype), ("repeats", args.repeats),
         ("seed", args.seed)) if value is not None}
-    if args.backends:
+    if args.backends is not None:
         changes["backends"] = tuple(runner.C.names(args.backends))
-    if args.out:
-        changes["out"] = Path(args.out)
+        if not changes["backends"]:
+            raise InvalidInputError(f"--backends must name at least one backend; got {args.backends!r}")
+    if args.out is not None:
+        changes["out"] = inputs.path(args.out, "--out")
     sweeps = {k: v for k, v in (("nprobe", args.nprobe), ("ef", args.ef)) if v}
     if sweeps:
         changes["sweeps"] = sweeps
     config = dataclasses.replace(base, **changes)
+    try:                                            # before an hour of benchmarking, not after
+        config.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise path_error(exc, f"--out {str(config.out)!r} cannot be a results folder") from exc
     print(f"kvmem bench: {config.dataset}, {config.size:,} rows x {config.dim}, {config.queries} queries, "
           f"k={config.k}; results in {config.out}/", file=sys.stderr)
     runner.run(config)

@@ -97,8 +97,11 @@ def describe(name: str, args: tuple = (), kwargs: dict | None = None) -> str:
 
 
 def attempt(label: str, what: str, call: Callable[[], Any],
-            errors: tuple[type[BaseException], ...] = (InvalidInputError,)) -> tuple[bool, Any]:
+            errors: tuple[type[BaseException], ...] = (InvalidInputError,),
+            refused: Callable[[Any], bool] = lambda result: False) -> tuple[bool, Any]:
     """Run ``call``; ``(True, result)``, or ``(False, error)`` for one of ``errors`` with a message.
+
+    ``refused(result)`` says whether a returned result is a refusal (a command's exit code 2).
 
     Anything else raised, an empty message, or a refused call that raised the peak memory by more
     than :data:`REFUSED_BYTES` is tallied as an escape and fails with ``what`` (the call, described).
@@ -120,6 +123,9 @@ def attempt(label: str, what: str, call: Callable[[], Any],
     except Exception as exc:
         tally["escapes"] += 1
         raise AssertionError(f"{label}: {what} raised {type(exc).__name__}: {exc}") from exc
+    if refused(result):
+        tally["errors"] += 1
+        return False, result
     tally["accepted"] += 1
     return True, result
 

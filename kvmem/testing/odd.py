@@ -88,6 +88,9 @@ def vectors(draw: st.DrawFn, partitions: int, width: int, rows: int | None = Non
     if draw(st.integers(0, 19)) == 0:
         return draw(SCALARS)
     rows = draw(st.sampled_from([0, 1, 2, 3, 5])) if rows is None else rows
+    if draw(st.booleans()):                                   # well-formed, in any of the accepted forms
+        t = _tensor((partitions, rows, width), torch.float32, "normal", draw(st.integers(0, 2**16)))
+        return _form(t, draw(st.sampled_from(_FORMS)))
     shape = draw(_shapes(partitions, rows, width))
     dtype = draw(st.sampled_from(_FLOATS * 3 + _OTHERS))
     t = _tensor(shape, dtype, draw(st.sampled_from(_FILLS)), draw(st.integers(0, 2**16)))
@@ -100,6 +103,9 @@ def ids(draw: st.DrawFn, partitions: int, issued: int) -> Any:
     if draw(st.integers(0, 19)) == 0:
         return draw(SCALARS)
     m = draw(st.sampled_from([0, 1, 2, 4]))
+    if draw(st.booleans()):                                   # well-formed: live ids and padding
+        return np.array(draw(st.lists(st.lists(st.integers(-1, issued - 1), min_size=m, max_size=m),
+                                      min_size=partitions, max_size=partitions)), np.int64).reshape(partitions, m)
     shape = draw(st.sampled_from([(partitions, m)] * 4 + [(m,), (partitions, m, 1), (), (partitions + 1, m)]))
     pick = st.one_of(st.integers(-1, issued + 2), st.integers(-1, issued + 2), st.sampled_from([-2, *HUGE_INTS[:4]]))
     n = int(np.prod(shape)) if shape else 1
