@@ -12,6 +12,7 @@ class TestIVFFuzz(StoreFuzz):
 
     backend = "ivf"
     options = {"train_size": 4}
+    examples = 20                   # each store trains: the slowest of the four
 
 
 class TestHNSWFuzz(StoreFuzz):

@@ -8,10 +8,10 @@ import resource
 import numpy as np
 import pytest
 import torch
+from kvmem.adapters import MemoryAttention, RotaryEmbedding
 
 import kvmem
 from kvmem import inputs
-from kvmem.adapters import MemoryAttention, RotaryEmbedding
 from kvmem.cli import main
 from kvmem.testing.fuzz import limited
 
@@ -47,7 +47,8 @@ def test_a_refused_huge_k_allocates_nothing():
 
 
 def test_hnsw_partitions_are_bounded_by_what_their_graphs_take():
-    with limited(16 << 20), pytest.raises(kvmem.InvalidInputError, match=r"partitions=8 .*largest partitions that fits is 5"):
+    message = r"partitions=8 .*largest partitions that fits is 5"
+    with limited(16 << 20), pytest.raises(kvmem.InvalidInputError, match=message):
         kvmem.create("hnsw", dim=8, partitions=8)
 
 
