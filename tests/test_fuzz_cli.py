@@ -80,7 +80,7 @@ def test_fuzz_bench_refuses_every_bad_argument_before_running(root):
 
 
 def test_fuzz_info_and_odd_commands(root):
-    words = st.one_of(st.sampled_from(["info", "bench", "--json", "--help", "nope", "", "-", "--"]),
+    words = st.one_of(st.sampled_from(["info", "--json", "--help", "nope", "", "-", "--"]),
                       odd.paths(str(root)).filter(lambda p: isinstance(p, str)), st.just(str(root / "saved")))
 
     @fuzz_settings(40)
