@@ -142,11 +142,14 @@ def partition_list(partitions: int | Iterable[int] | None, total: int) -> list[i
         return list(range(total))
     if _index(partitions) is not None:
         return [partition_index(partitions, total)]
-    if isinstance(partitions, (str, bytes)) or not isinstance(partitions, Iterable):
-        raise InvalidInputError(f"partitions must be None, an int or an iterable of ints in [0, {total}); "
-                                f"got {partitions!r} ({type(partitions).__name__})")
     most = 8 * total + 1024
-    items = [partition_index(p, total) for p in itertools.islice(partitions, most + 1)]
+    try:                                                        # iterating a 0-d array or tensor: TypeError
+        if isinstance(partitions, (str, bytes)):
+            raise TypeError
+        items = [partition_index(p, total) for p in itertools.islice(partitions, most + 1)]
+    except TypeError:
+        raise InvalidInputError(f"partitions must be None, an int or an iterable of ints in [0, {total}); "
+                                f"got {partitions!r} ({type(partitions).__name__})") from None
     if len(items) > most:
         raise InvalidInputError(f"partitions must name at most {most} partitions (of {total}); got more")
     return sorted(set(items))

@@ -76,6 +76,7 @@ ODD_CALLS: list[tuple[str, Call, str]] = [
     ("get-m-huge", lambda s: s.get(np.full((2, 2**27), -1)), r"get with m=134,217,728 .*over the limit"),
     ("clear-float", lambda s: s.clear(partitions=2.0), r"iterable of ints in \[0, 2\); got 2.0 \(float\)"),
     ("clear-string", lambda s: s.clear("01"), "got '01'"),
+    ("clear-0d-array", lambda s: s.clear(np.array(1.5)), r"got array\(1.5\) \(ndarray\)"),
     ("clear-huge-range", lambda s: s.clear(range(2**40)), r"\[0, 2\); got 2"),
     ("clear-endless", lambda s: s.clear(itertools.repeat(0)), "at most 1040 partitions"),
     ("count-float", lambda s: s.count(2.0), r"\[0, 2\); got 2.0"),
