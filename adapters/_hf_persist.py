@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 import kvmem.devices
-from kvmem.errors import CorruptStoreError, InvalidInputError
+from kvmem.errors import CorruptStoreError, InvalidInputError, path_error
 
 FORMAT = "kvmem.adapters.hf/1"
 MANIFEST = "adapter.json"
@@ -38,9 +38,12 @@ REQUIRED = {
 
 def write(root: Path, stores: Mapping[int, Any], manifest: dict[str, Any]) -> None:
     """Save ``stores`` (layer -> store) and ``manifest`` under ``root``; see the module docstring."""
-    root.mkdir(parents=True, exist_ok=True)
     snapshot = f"snapshot-{uuid.uuid4().hex[:12]}"
-    (root / snapshot).mkdir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / snapshot).mkdir()
+    except OSError as exc:                          # a file on the way, a name too long, no permission
+        raise path_error(exc, f"cannot save to {root}") from exc
     for i, store in stores.items():
         store.save(root / snapshot / f"layer-{i}")
     manifest = {"format": FORMAT, "snapshot": snapshot, "saved_layers": sorted(stores), **manifest}

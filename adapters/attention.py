@@ -39,14 +39,17 @@ not run two calls on the same store at once.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from kvmem.errors import InvalidInputError
+from kvmem.inputs import check_rows
 
 from .rope import Rotary
 
@@ -94,6 +97,8 @@ def memory_attention(
         ``(B, H, T, dv)`` attention output in ``value``'s dtype.
     """
     B, H, T, d, Hkv, Tl, dv = _check(query, key, value, store, k, memory_query, memory_key, gate)
+    if search_params is not None and not isinstance(search_params, Mapping):
+        raise InvalidInputError(f"search_params: expected a mapping or None, got {search_params!r}")
     G = H // Hkv
     P = B * Hkv
     scaling = d**-0.5 if scaling is None else float(scaling)
@@ -199,6 +204,22 @@ def _check(query, key, value, store, k, memory_query, memory_key, gate):
     return B, H, T, d, Hkv, Tl, dv
 
 
+def _position_ids(positions: Any, name: str, B: int, T: int, device: torch.device) -> torch.Tensor:
+    """Integer positions ``(T,)`` or ``(1 or B, T)`` as a long tensor on ``device``."""
+    t = positions if isinstance(positions, torch.Tensor) else None
+    if t is None and isinstance(positions, (list, tuple, np.ndarray)):
+        try:
+            t = torch.as_tensor(np.asarray(positions))
+        except (TypeError, ValueError):
+            t = None
+    ok = t is not None and not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool and (
+        tuple(t.shape) == (T,) or (t.ndim == 2 and t.shape[1] == T and t.shape[0] in (1, B)))
+    if not ok:
+        got = f"{t.dtype} {tuple(t.shape)}" if t is not None else repr(positions)[:80]
+        raise InvalidInputError(f"{name}: expected integer positions ({T},) or (1 or {B}, {T}), got {got}")
+    return t.to(device=device, dtype=torch.long)
+
+
 @dataclass(frozen=True)
 class MemoryAttentionConfig:
     num_heads: int  # query heads H; the store has B * Hkv partitions
@@ -212,8 +233,15 @@ class MemoryAttentionConfig:
             raise InvalidInputError(f"positions: expected one of {POSITION_MODES}, got {self.positions!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
             raise InvalidInputError(f"k: expected an int >= 0, got {self.k!r}")
-        if not isinstance(self.num_heads, int) or self.num_heads <= 0:
+        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads <= 0:
             raise InvalidInputError(f"num_heads: expected an int > 0, got {self.num_heads!r}")
+        check_rows("MemoryAttention", "num_heads", self.num_heads, 1, 4, torch.device("cpu"), rows="gate logits")
+        if not isinstance(self.gate, (bool, np.bool_)):
+            raise InvalidInputError(f"gate: expected a bool, got {self.gate!r}")
+        ok = self.scaling is None or (isinstance(self.scaling, numbers.Real) and not isinstance(self.scaling, bool)
+                                      and math.isfinite(self.scaling) and self.scaling > 0)
+        if not ok:
+            raise InvalidInputError(f"scaling: expected a finite number > 0 or None, got {self.scaling!r}")
 
 
 class MemoryAttention(nn.Module):
@@ -267,16 +295,24 @@ class MemoryAttention(nn.Module):
         ``arange(T)``); ``key_position_ids`` default to the ``Tl`` positions
         ending at the last query's.
         """
-        if query.ndim != 4 or query.shape[1] != self.config.num_heads:
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 4 or not t.is_floating_point():
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InvalidInputError(f"{name}: expected a 4-D floating tensor, got {got}")
+        if query.shape[1] != self.config.num_heads:
             raise InvalidInputError(
                 f"query: expected (B, {self.config.num_heads}, T, d), got {tuple(query.shape)}"
             )
+        if not isinstance(write, (bool, np.bool_)):
+            raise InvalidInputError(f"write: expected a bool, got {write!r}")
         q_mem, k_mem = query, key
         if self.rope is not None:
-            T, Tl = query.shape[2], key.shape[2]
+            B, T, Tl = query.shape[0], query.shape[2], key.shape[2]
             if position_ids is None:
                 position_ids = torch.arange(T, device=query.device)
-            position_ids = torch.as_tensor(position_ids, device=query.device).long()
+            position_ids = _position_ids(position_ids, "position_ids", B, T, query.device)
+            if key_position_ids is not None:
+                key_position_ids = _position_ids(key_position_ids, "key_position_ids", B, Tl, query.device)
             if key_position_ids is None:
                 last = position_ids[..., -1:]  # (1|B, 1)
                 key_position_ids = last - (Tl - 1) + torch.arange(Tl, device=query.device)

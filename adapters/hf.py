@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -45,6 +45,7 @@ import torch
 
 import kvmem
 import kvmem.devices
+from kvmem import inputs
 from kvmem.errors import BackendUnavailableError, CorruptStoreError, InvalidInputError, KvmemError
 
 from . import _hf_layer as hfl
@@ -94,6 +95,13 @@ def attach(
         raise InvalidInputError(f"k: expected an int >= 0, got {k!r}")
     chunk_size = DEFAULT_CHUNK if chunk_size is None else _positive(chunk_size, "chunk_size")
     _check_backend(backend)
+    for name, options in (("store_options", store_options), ("search_options", search_options)):
+        if options is not None and not isinstance(options, Mapping):
+            raise InvalidInputError(f"{name}: expected a mapping or None, got {options!r}")
+    fixed = sorted({"dim", "value_dim", "partitions"} & set(store_options or {}))
+    if fixed:
+        raise InvalidInputError(f"store_options: {fixed[0]!r} is set by the model's attention shape; got {fixed[0]}="
+                                f"{store_options[fixed[0]]!r}")
     _check_device(backend, (store_options or {}).get("device"))
 
     if not type(model)._can_set_attn_implementation():
@@ -185,7 +193,11 @@ class MemoryAdapter:
         self._check_attached()
         from transformers.modeling_outputs import CausalLMOutput
 
-        ids = torch.as_tensor(input_ids)
+        try:
+            ids = torch.as_tensor(input_ids)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise InvalidInputError(
+                f"input_ids: expected integer token ids (B, N), got {input_ids!r:.80} ({exc})") from None
         if ids.ndim == 1:
             ids = ids.unsqueeze(0)
         if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
@@ -194,7 +206,11 @@ class MemoryAdapter:
             )
         if not isinstance(search, bool):
             raise InvalidInputError(f"search: expected a bool, got {search!r}")
-        if return_logits not in ("last", "all"):
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
+            raise InvalidInputError(
+                f"input_ids: expected token ids in [0, {vocab}), got {int(ids.min())} .. {int(ids.max())}")
+        if not isinstance(return_logits, str) or return_logits not in ("last", "all"):
             raise InvalidInputError(f'return_logits: expected "last" or "all", got {return_logits!r}')
         window = self.chunk_size if chunk_size is None else _positive(chunk_size, "chunk_size")
         if not search:
@@ -249,7 +265,7 @@ class MemoryAdapter:
         """
         self._check_attached()
         stores = {i: m.store for i, m in self._memories.items() if m.store is not None}
-        persist.write(Path(path), stores, {
+        persist.write(inputs.path(path, "path"), stores, {
             "tokens": self._state.tokens,
             "layers": list(self._memories),
             "backend": self.settings.backend,
@@ -306,7 +322,7 @@ def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapt
     Raises :class:`CorruptStoreError` for a damaged save and
     :class:`InvalidInputError` for a model of another shape.
     """
-    root = Path(path)
+    root = inputs.path(path, "path")
     manifest = persist.read(root)
     want, got = manifest["model"], persist.fingerprint(model)
     if want != got:
@@ -387,8 +403,11 @@ def _choose(layers: str | Sequence[int], modules: Mapping[int, Any]) -> list[int
         if layers != "all":
             raise InvalidInputError(f'layers: expected "all" or a list of layer indices, got {layers!r}')
         return list(modules)
-    chosen = list(layers)
-    if not chosen or len(set(chosen)) != len(chosen) or any(i not in modules for i in chosen):
+    if not isinstance(layers, Iterable):
+        raise InvalidInputError(f'layers: expected "all" or a list of layer indices, got {layers!r}')
+    chosen = list(itertools.islice(layers, len(modules) + 1))
+    ints = all(isinstance(i, int) and not isinstance(i, bool) for i in chosen)
+    if not chosen or not ints or len(set(chosen)) != len(chosen) or any(i not in modules for i in chosen):
         raise InvalidInputError(
             f"layers: expected distinct indices among {list(modules)}, got {chosen}"
         )

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from kvmem import devices, persist
+from kvmem import devices, inputs, persist
 from kvmem.config import StoreConfig
-from kvmem.errors import CorruptStoreError, InvalidInputError
+from kvmem.errors import CorruptStoreError, InvalidInputError, path_error
 from kvmem.registry import BackendInfo, registry
 from kvmem.store import MemoryStore
 
@@ -36,7 +36,17 @@ def create(backend: str = "exact", *, dim: int, value_dim: int | None = None, pa
                          metric=metric, dtype=dtype, capacity=capacity, options={**cls.defaults, **options})
     dev = devices.resolve(device, backend, cls.devices)
     cls.check_options(config.options, dev)
-    return cls._create(config, dev, None if path is None else Path(path))
+    per_row, limit = inputs.row_bytes(config.dim, config.value_dim, config.dtype), inputs.byte_limit(dev)
+    if per_row > limit:
+        raise InvalidInputError(f"a row of dim={config.dim:,} and value_dim={config.value_dim:,} takes {per_row:,} "
+                                f"bytes, over the limit of {limit:,} bytes for one call ({inputs.LIMIT_ENV})")
+    inputs.check_rows(f"create({backend!r})", "partitions", config.partitions, 1, cls.partition_bytes(config), dev,
+                      rows="partitions")
+    path = None if path is None else inputs.path(path, "path")
+    try:
+        return cls._create(config, dev, path)
+    except OSError as exc:                                     # the directory at path cannot be made
+        raise path_error(exc, f"cannot create a {backend} store at {path}") from exc
 
 
 def load(path: str | os.PathLike, device: Any = None) -> MemoryStore:
@@ -46,12 +56,11 @@ def load(path: str | os.PathLike, device: Any = None) -> MemoryStore:
     with a ``RuntimeWarning``, where this machine lacks it) and opens a store kept
     in place (``lmdb``) on the CPU; a device given wins.
     """
-    path = Path(path)
-    if not (path / persist.MANIFEST).exists():
-        for name, spec in registry.specs.items():
-            if spec.marker and (path / spec.marker).exists():
-                cls = registry[name]
-                return cls._open_directory(path, devices.resolve(device, name, cls.devices))
+    path = inputs.path(path, "path")
+    kept_in_place = in_place(path)
+    if kept_in_place is not None:
+        return kept_in_place._open_directory(path, devices.resolve(device, kept_in_place.backend,
+                                                                    kept_in_place.devices))
     manifest, config = persist.read_manifest(path)
     cls = registry.resolve(manifest["backend"])
     if device is None:
@@ -73,6 +82,19 @@ def _saved_config(cls: type[MemoryStore], config: StoreConfig, device: torch.dev
     except InvalidInputError as exc:
         raise CorruptStoreError(f"manifest.json: {exc}") from None
     return config
+
+
+def in_place(path: Path) -> type[MemoryStore] | None:
+    """The persistent backend keeping a store in place at ``path`` (its marker file, no save manifest)."""
+    try:
+        if (path / persist.MANIFEST).exists():
+            return None
+        for name, spec in registry.specs.items():
+            if spec.marker and (path / spec.marker).exists():
+                return registry[name]
+    except OSError as exc:
+        raise path_error(exc, f"cannot open {path}") from exc
+    return None
 
 
 def backends() -> dict[str, BackendInfo]:

@@ -8,25 +8,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvmem.errors import KvmemError
+from kvmem.errors import InvalidInputError, KvmemError, path_error
 
 __all__ = ["main", "describe"]
 
 
 def describe(path: str | Path) -> dict[str, Any]:
     """What ``kvmem info`` prints: backend, dims, partitions, counts and bytes on disk of a store."""
-    from kvmem import persist
-    from kvmem.registry import registry
+    from kvmem import inputs, persist
+    from kvmem.api import in_place
 
-    path = Path(path)
-    if not (path / persist.MANIFEST).exists():
-        for name, spec in registry.specs.items():
-            if spec.marker and (path / spec.marker).exists():
-                return registry[name]._describe_directory(path)
+    path = inputs.path(path, "path")
+    kept_in_place = in_place(path)
+    if kept_in_place is not None:
+        return kept_in_place._describe_directory(path)
     manifest, config = persist.read_manifest(path)
     return {"path": str(path), "backend": manifest["backend"], **config.to_dict(),
             "rows": sum(manifest["counts"]), "counts": manifest["counts"], "next_ids": manifest["next_ids"],
@@ -61,13 +60,30 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(text: str | None) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(",")) if text else ()
+def _count(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``low`` (a bad one is a usage error, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}; got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _sweep(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive ints (an ``--nprobe`` / ``--ef`` sweep)."""
+    parse = _count(1)
+    return tuple(parse(v.strip()) for v in text.split(","))
 
 
 def _bench(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from kvmem import inputs
     from kvmem.benchmarks import runner
 
     base = runner.QUICK if args.quick else runner.DEFAULT
@@ -75,14 +91,20 @@ def _bench(args: argparse.Namespace) -> int:
         ("size", args.size), ("dim", args.dim), ("k", args.k), ("queries", args.queries),
         ("dataset", args.dataset), ("metric", args.metric), ("dtype", args.dtype), ("repeats", args.repeats),
         ("seed", args.seed)) if value is not None}
-    if args.backends:
+    if args.backends is not None:
         changes["backends"] = tuple(runner.C.names(args.backends))
-    if args.out:
-        changes["out"] = Path(args.out)
-    sweeps = {k: v for k, v in (("nprobe", _sweep(args.nprobe)), ("ef", _sweep(args.ef))) if v}
+        if not changes["backends"]:
+            raise InvalidInputError(f"--backends must name at least one backend; got {args.backends!r}")
+    if args.out is not None:
+        changes["out"] = inputs.path(args.out, "--out")
+    sweeps = {k: v for k, v in (("nprobe", args.nprobe), ("ef", args.ef)) if v}
     if sweeps:
         changes["sweeps"] = sweeps
     config = dataclasses.replace(base, **changes)
+    try:                                            # before an hour of benchmarking, not after
+        config.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise path_error(exc, f"--out {str(config.out)!r} cannot be a results folder") from exc
     print(f"kvmem bench: {config.dataset}, {config.size:,} rows x {config.dim}, {config.queries} queries, "
           f"k={config.k}; results in {config.out}/", file=sys.stderr)
     runner.run(config)
@@ -99,18 +121,18 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure every backend and the raw libraries on the same data")
     bench.add_argument("--quick", action="store_true",
                        help="a smaller run: 50,000 rows, 500 queries (about 25 s on 2 cores)")
-    bench.add_argument("--size", type=int, help="base rows")
-    bench.add_argument("--dim", type=int)
-    bench.add_argument("--k", type=int)
-    bench.add_argument("--queries", type=int)
+    bench.add_argument("--size", type=_count(1), help="base rows")
+    bench.add_argument("--dim", type=_count(1))
+    bench.add_argument("--k", type=_count(1))
+    bench.add_argument("--queries", type=_count(1))
     bench.add_argument("--dataset", help="gaussian, clustered, or a path to .hdf5/.fvecs/.fbin")
     bench.add_argument("--metric", choices=["ip", "l2", "cos"])
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="kvmem storage dtype")
     bench.add_argument("--backends", help="comma-separated, e.g. exact,faiss-flat")
-    bench.add_argument("--nprobe", help="comma-separated nprobe sweep for ivf")
-    bench.add_argument("--ef", help="comma-separated ef sweep for hnsw")
-    bench.add_argument("--repeats", type=int, help="timed batches per setting (median reported)")
-    bench.add_argument("--seed", type=int)
+    bench.add_argument("--nprobe", type=_sweep, help="comma-separated nprobe sweep for ivf")
+    bench.add_argument("--ef", type=_sweep, help="comma-separated ef sweep for hnsw")
+    bench.add_argument("--repeats", type=_count(1), help="timed batches per setting (median reported)")
+    bench.add_argument("--seed", type=_count(0))
     bench.add_argument("--out", help="output folder for results.json and recall_qps.png")
     bench.set_defaults(func=_bench)
     return parser

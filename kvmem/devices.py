@@ -62,7 +62,7 @@ def resolve(device: Any, backend: str = "", devices: frozenset[str] = frozenset(
         return torch.device("cpu")
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
+    except (RuntimeError, TypeError, ValueError) as exc:
         raise InvalidInputError(
             f"device must be a torch device or its name (e.g. 'cpu', 'cuda:0'); got {device!r}") from exc
     if dev.type not in ("cpu", "cuda"):

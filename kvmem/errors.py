@@ -26,6 +26,7 @@ __all__ = [
     "StoreFullError",
     "BackendUnavailableError",
     "map_errors",
+    "path_error",
 ]
 
 
@@ -49,7 +50,15 @@ class BackendUnavailableError(KvmemError, ImportError):
     """A backend's library is not installed; the message says what to install."""
 
 
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})   # OSError errnos that mean a full disk
+
+
+def path_error(exc: OSError, what: str) -> KvmemError:
+    """The error for an ``OSError`` met on a path the caller gave (a name too long, a file on the way,
+    no permission): :class:`StoreFullError` for a full disk, else :class:`InvalidInputError`."""
+    if exc.errno in DISK_FULL:
+        return StoreFullError(f"{what}: disk full ({exc})")
+    return InvalidInputError(f"{what}: {exc.strerror or exc}")
 
 
 @contextlib.contextmanager
@@ -68,7 +77,7 @@ def map_errors(what: str, *, corrupt: bool = False) -> Iterator[None]:
     except MemoryError:
         raise
     except OSError as exc:
-        if exc.errno in _DISK_FULL:
+        if exc.errno in DISK_FULL:
             raise StoreFullError(f"{what}: disk full ({exc})") from exc
         if corrupt:
             raise CorruptStoreError(f"{what}: {exc}") from exc
@@ -77,7 +86,7 @@ def map_errors(what: str, *, corrupt: bool = False) -> Iterator[None]:
         name = type(exc).__name__
         if name == "MapFullError":
             raise StoreFullError(f"{what}: LMDB map full ({exc})") from exc
-        if name == "DiskError" or getattr(exc, "code", None) in _DISK_FULL:  # lmdb's ENOSPC, EFBIG, EDQUOT
+        if name == "DiskError" or getattr(exc, "code", None) in DISK_FULL:  # lmdb's ENOSPC, EFBIG, EDQUOT
             raise StoreFullError(f"{what}: disk full ({exc})") from exc
         if corrupt or name in {"CorruptedError", "PageNotFoundError", "InvalidError",
                                "VersionMismatchError", "BadValsizeError"}:

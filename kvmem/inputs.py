@@ -8,8 +8,12 @@ validate everything before it mutates anything.
 
 from __future__ import annotations
 
+import itertools
 import numbers
+import operator
+import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +21,8 @@ import torch
 
 from kvmem.errors import InvalidInputError
 
-__all__ = ["vectors", "ids_array", "check_k", "partition_list", "out_device"]
+__all__ = ["vectors", "ids_array", "check_k", "partition_list", "partition_index", "out_device", "path",
+           "byte_limit", "check_rows", "row_bytes"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -101,12 +106,92 @@ def check_k(k: Any) -> int:
     return int(k)
 
 
+def path(value: Any, what: str) -> Path:
+    """``value`` as a Path: a non-empty ``str`` or ``os.PathLike`` of one, without NUL bytes."""
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text or "\x00" in text:
+        raise InvalidInputError(f"{what} must be a non-empty str or os.PathLike without NUL bytes; got {value!r}")
+    return Path(text)
+
+
+def _index(p: Any) -> int | None:
+    """``p`` as an int when it is one (Python, NumPy or 0-d torch integer; not bool), else None."""
+    if isinstance(p, (bool, np.bool_)) or (isinstance(p, torch.Tensor) and p.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(p)
+    except TypeError:
+        return None
+
+
+def partition_index(partition: Any, total: int) -> int:
+    """One partition number in ``[0, total)`` (``count(partition=...)``)."""
+    p = _index(partition)
+    if p is None or not 0 <= p < total:
+        raise InvalidInputError(f"partition must be an int in [0, {total}); got {partition!r}")
+    return p
+
+
 def partition_list(partitions: int | Iterable[int] | None, total: int) -> list[int]:
-    """The partitions named by ``clear(partitions=...)``: None means all."""
+    """The partitions named by ``clear(partitions=...)``: None means all, else an int or an iterable of ints.
+
+    An iterable is checked item by item and read at most ``8 * total + 1024`` items far, so a huge
+    or endless one is refused, not drained.
+    """
     if partitions is None:
         return list(range(total))
-    items = [partitions] if isinstance(partitions, numbers.Integral) else list(partitions)
-    for p in items:
-        if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not 0 <= p < total:
-            raise InvalidInputError(f"partition must be an int in [0, {total}); got {p!r}")
-    return sorted({int(p) for p in items})
+    if _index(partitions) is not None:
+        return [partition_index(partitions, total)]
+    most = 8 * total + 1024
+    try:                                                        # iterating a 0-d array or tensor: TypeError
+        if isinstance(partitions, (str, bytes)):
+            raise TypeError
+        items = [partition_index(p, total) for p in itertools.islice(partitions, most + 1)]
+    except TypeError:
+        raise InvalidInputError(f"partitions must be None, an int or an iterable of ints in [0, {total}); "
+                                f"got {partitions!r} ({type(partitions).__name__})") from None
+    if len(items) > most:
+        raise InvalidInputError(f"partitions must name at most {most} partitions (of {total}); got more")
+    return sorted(set(items))
+
+
+# ---------------------------------------------------------------------------------------------- limits
+# A call is refused before anything is allocated when the rows it would allocate (the result of a search
+# or a get, the stored copy of an add) take more than ``byte_limit()``: a quarter of physical memory (of
+# the device's memory for a CUDA store), or ``KVMEM_MAX_CALL_BYTES`` bytes when that is set. A call's
+# working memory is a small multiple of those rows, so a call under the limit fits beside the store.
+LIMIT_ENV = "KVMEM_MAX_CALL_BYTES"
+LIMIT_FRACTION = 4                  # a call may take 1 / LIMIT_FRACTION of the memory it runs in
+
+
+def byte_limit(device: torch.device) -> int:
+    """The most bytes the rows of one call may take on ``device``; see above."""
+    env = os.environ.get(LIMIT_ENV)
+    if env:
+        try:
+            return int(env)
+        except ValueError:
+            raise InvalidInputError(f"{LIMIT_ENV} must be an int (bytes); got {env!r}") from None
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory // LIMIT_FRACTION
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // LIMIT_FRACTION
+
+
+def row_bytes(dim: int, value_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one row a call returns or stores: key and value in ``dtype``, an int64 id, a float32 score."""
+    return (dim + value_dim) * dtype.itemsize + 8 + 4
+
+
+def check_rows(what: str, knob: str, value: int, rows_per_unit: int, per_row: int, device: torch.device,
+               *, rows: str = "rows") -> None:
+    """Refuse a call of ``value * rows_per_unit`` rows of ``per_row`` bytes over :func:`byte_limit`.
+
+    ``knob`` (``k``, ``n``, ``m``, ``partitions``) is what the caller can lower; the message names its
+    largest value. ``rows`` names the things counted.
+    """
+    limit, count = byte_limit(device), value * rows_per_unit
+    if count * per_row > limit:
+        raise InvalidInputError(
+            f"{what} with {knob}={value:,} would take {count:,} {rows} x {per_row:,} bytes = {count * per_row:,} "
+            f"bytes, over the limit of {limit:,} bytes (1/{LIMIT_FRACTION} of the {device.type} memory, or "
+            f"{LIMIT_ENV}); the largest {knob} that fits is {limit // (rows_per_unit * per_row):,}")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvmem.config import StoreConfig
 from kvmem.devices import device_name, valid_name
-from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError
+from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError, path_error
 
 if TYPE_CHECKING:
     from kvmem.store import MemoryStore
@@ -99,9 +99,12 @@ def write_manifest(path: Path, manifest: dict[str, Any], tag: str) -> None:
 
 def save(store: MemoryStore, path: Path) -> None:
     """Write ``store`` to directory ``path`` (see the module docstring). Caller holds the store's lock."""
-    check_target(path)
-    old = set(os.listdir(path)) if path.is_dir() else set()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        check_target(path)
+        old = set(os.listdir(path)) if path.is_dir() else set()
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise path_error(exc, f"cannot save to {path}") from exc
     tag = secrets.token_hex(6)
     files = {}
     for role, name in store._save_files(path, tag).items():

@@ -123,7 +123,8 @@ class MemoryStore(ABC):
         keys, squeezed = inputs.vectors(keys, "keys", self.partitions, self.dim, "dim")
         values, _ = inputs.vectors(values, "values", self.partitions, self.value_dim, "value_dim",
                                    n=keys.shape[1])
-        keys, values = self._stored(keys, "keys"), self._stored(values, "values")
+        inputs.check_rows("add", "n", keys.shape[1], self.partitions, self._row_bytes, self.device)
+        keys, values = self._rounded(keys, "keys"), self._rounded(values, "values")
         with self._lock.write(), self._session(write=True):
             plan = self._book.plan_add(keys.shape[1])
             kept = slice(keys.shape[1] - plan.keep, keys.shape[1])
@@ -143,20 +144,30 @@ class MemoryStore(ABC):
         where = inputs.out_device(queries)
         queries, squeezed = inputs.vectors(queries, "queries", self.partitions, self.dim, "dim")
         k = inputs.check_k(k)
+        P, q = queries.shape[:2]                                    # no queries: k as for one
+        inputs.check_rows(f"search of [{P}, {q}] queries", "k", k, P * max(q, 1), self._row_bytes, self.device)
         params = self._check_params(params)
-        queries = queries.to(device=self.device, dtype=torch.float32)
-        with self._lock.read(), self._session(write=False), devices.exact_matmuls():
-            found = self._search_rows(queries, k, params)
-        result = SearchResult(*(t.to(where) for t in found))
+        queries = self._rounded(queries, "queries", torch.float32)
+        if q == 0:                                                  # nothing to search: no backend sees it
+            result = self._empty_result(k, where)
+        else:
+            with self._lock.read(), self._session(write=False), devices.exact_matmuls():
+                found = self._search_rows(queries, k, params)
+            result = SearchResult(*(t.to(where) for t in found))
         return SearchResult(*(t[0] for t in result)) if squeezed else result
 
     def get(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys ``(P, m, dim)`` and values ``(P, m, value_dim)`` of live ids ``(P, m)``; ``-1`` gives zeros."""
         self._check_open()
         ids, squeezed = inputs.ids_array(ids, "ids", self.partitions)
-        with self._lock.read(), self._session(write=False):
-            slots = torch.from_numpy(self._book.slots_of(ids)).to(self.device)
-            _, keys, values = self._rows(slots)
+        inputs.check_rows("get", "m", ids.shape[1], self.partitions, self._row_bytes, self.device)
+        if not ids.shape[1]:                                        # no ids: no backend sees it
+            keys, values = (torch.empty(self.partitions, 0, width, dtype=self.dtype, device=self.device)
+                            for width in (self.dim, self.value_dim))
+        else:
+            with self._lock.read(), self._session(write=False):
+                slots = torch.from_numpy(self._book.slots_of(ids)).to(self.device)
+                _, keys, values = self._rows(slots)
         return (keys[0], values[0]) if squeezed else (keys, values)
 
     def remove(self, ids: Any) -> None:
@@ -178,10 +189,10 @@ class MemoryStore(ABC):
 
     def count(self, partition: int | None = None) -> int:
         """Rows held in one partition, or in all of them."""
-        parts = None if partition is None else inputs.partition_list(partition, self.partitions)
+        part = None if partition is None else inputs.partition_index(partition, self.partitions)
         with self._lock.read(), self._session(write=False):
             counts = self._book.counts
-        return int(counts.sum() if parts is None else counts[parts[0]])
+        return int(counts.sum() if part is None else counts[part])
 
     def __len__(self) -> int:
         return self.count()
@@ -191,8 +202,9 @@ class MemoryStore(ABC):
         from kvmem import persist
 
         self._check_open()
+        path = inputs.path(path, "save path")
         with self._lock.read(), self._session(write=False):
-            persist.save(self, Path(path))
+            persist.save(self, path)
 
     def close(self) -> None:
         """Release the store's resources; later calls raise. Idempotent."""
@@ -216,12 +228,24 @@ class MemoryStore(ABC):
             raise InvalidInputError(f"{self.backend} search accepts parameters ({accepted}); got {unknown[0]!r}")
         return params
 
-    def _stored(self, x: torch.Tensor, what: str) -> torch.Tensor:
-        """``x`` rounded to the storage dtype on the store's device; overflow raises."""
-        out = x.to(device=self.device, dtype=self.dtype)
+    def _rounded(self, x: torch.Tensor, what: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``x`` rounded to ``dtype`` (default: the storage dtype) on the store's device; overflow raises."""
+        dtype = self.dtype if dtype is None else dtype
+        out = x.to(device=self.device, dtype=dtype)
         if out.dtype != x.dtype:
-            inputs.check_finite(out, f"{what} rounded to {dtype_name(self.dtype)}")
+            inputs.check_finite(out, f"{what} rounded to {dtype_name(dtype)}")
         return out
+
+    @property
+    def _row_bytes(self) -> int:
+        return inputs.row_bytes(self.dim, self.value_dim, self.dtype)
+
+    def _empty_result(self, k: int, device: torch.device) -> SearchResult:
+        """The result of a search of no queries: ``(P, 0, k)``."""
+        P = self.partitions
+        return SearchResult(torch.empty(P, 0, k, device=device), torch.empty(P, 0, k, dtype=torch.int64, device=device),
+                            torch.empty(P, 0, k, self.dim, dtype=self.dtype, device=device),
+                            torch.empty(P, 0, k, self.value_dim, dtype=self.dtype, device=device))
 
     def _id_rows(self, plan: AddPlan) -> torch.Tensor:
         """Ids ``(P, keep)`` of the rows an add stores."""
@@ -297,6 +321,11 @@ class MemoryStore(ABC):
     def _describe_directory(cls, path: Path) -> dict[str, Any]:
         """``kvmem info`` of a store kept in place (persistent backends only)."""
         raise InvalidInputError(f"{cls.backend} stores are described from a save, not in place")
+
+    @classmethod
+    def partition_bytes(cls, config: StoreConfig) -> int:
+        """RAM an empty partition takes (bookkeeping, index): ``create`` refuses partitions that do not fit."""
+        return 64 << 10
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any], device: torch.device) -> None:

@@ -167,6 +167,11 @@ def remove_from_graph(index: hnswlib.Index, ids: np.ndarray) -> None:
             index.mark_deleted(label)
 
 
+def first_graph_bytes(dim: int, M: int, capacity: int | None) -> int:
+    """RAM a new graph holds: hnswlib's 65536 label locks (40-byte mutexes) and ``_FIRST_SIZE`` slots."""
+    return 65536 * 40 + min(_FIRST_SIZE, capacity or _FIRST_SIZE) * ((2 * M + 1) * 4 + dim * 4 + 60)
+
+
 def build_beam(metric: str, option: int | None) -> int:
     """ef_construction: the option, else 500 for ip and hnswlib's 200 otherwise (module docstring)."""
     return option or _BEAM.get(metric, 200)
@@ -191,6 +196,11 @@ class HNSWStore(AnnStore):
 
     def __init__(self, config: StoreConfig, device: torch.device) -> None:
         super().__init__(config, device)
+
+    @classmethod
+    def partition_bytes(cls, config: StoreConfig) -> int:
+        """hnswlib's 65536 label locks (40-byte mutexes) and a first graph of ``_FIRST_SIZE`` slots."""
+        return first_graph_bytes(config.dim, config.options["M"], config.capacity) + super().partition_bytes(config)
 
     @classmethod
     def check_options(cls, options: Mapping[str, Any], device: torch.device) -> None:

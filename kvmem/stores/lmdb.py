@@ -120,6 +120,14 @@ class LMDBStore(MemoryStore):
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file() and f.name != "lock.mdb")
 
     @classmethod
+    def partition_bytes(cls, config: StoreConfig) -> int:
+        if config.options["index"] != "hnsw":
+            return super().partition_bytes(config)
+        from kvmem.stores.hnsw import first_graph_bytes
+
+        return first_graph_bytes(config.dim, config.options["M"], config.capacity) + super().partition_bytes(config)
+
+    @classmethod
     def check_options(cls, options: Mapping[str, Any], device: torch.device | None) -> None:
         if options["index"] not in _INDEXES:
             raise InvalidInputError(f"lmdb option index must be one of {_INDEXES}; got {options['index']!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -10,17 +11,17 @@ import pytest
 import torch
 
 import kvmem
-from kvmem.testing.checks import snapshot
+from kvmem.testing.checks import same, snapshot
 
-__all__ = ["BAD_CALLS", "BAD_CREATE", "BadInputConformance"]
+__all__ = ["BAD_CALLS", "ODD_CALLS", "BAD_CREATE", "BadInputConformance"]
 
 
 def _r(*shape: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32))
 
 
-def _with(value: float, *shape: int) -> torch.Tensor:
-    t = _r(*shape)
+def _with(value: float, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    t = _r(*shape).to(dtype)
     t.view(-1)[len(t.view(-1)) // 2] = value
     return t
 
@@ -66,6 +67,25 @@ BAD_CALLS: list[tuple[str, Call, str]] = [
     ("count-out-of-range", lambda s: s.count(2), "got 2"),
 ]
 
+# Calls the fuzz suite found escaping (issue 17), run one after another on one victim (cheaper).
+ODD_CALLS: list[tuple[str, Call, str]] = [
+    ("search-k-huge", lambda s: s.search(_r(2, 3, 8), 2**40), r"k=1,099,511,627,776 .*over the limit.*largest k"),
+    ("search-k-huge-no-queries", lambda s: s.search(_r(2, 0, 8), 2**62), "over the limit.*largest k"),
+    ("search-float64-overflows-float32", lambda s: s.search(_with(1e39, 2, 3, 8, dtype=torch.float64), 3),
+     "queries rounded to float32 must be finite; got inf"),
+    ("get-m-huge", lambda s: s.get(np.full((2, 2**27), -1)), r"get with m=134,217,728 .*over the limit"),
+    ("clear-float", lambda s: s.clear(partitions=2.0), r"iterable of ints in \[0, 2\); got 2.0 \(float\)"),
+    ("clear-string", lambda s: s.clear("01"), "got '01'"),
+    ("clear-0d-array", lambda s: s.clear(np.array(1.5)), r"got array\(1.5\) \(ndarray\)"),
+    ("clear-huge-range", lambda s: s.clear(range(2**40)), r"\[0, 2\); got 2"),
+    ("clear-endless", lambda s: s.clear(itertools.repeat(0)), "at most 1040 partitions"),
+    ("count-float", lambda s: s.count(2.0), r"\[0, 2\); got 2.0"),
+    ("count-list", lambda s: s.count([0, 1]), r"\[0, 2\); got \[0, 1\]"),
+    ("save-nul-byte", lambda s: s.save("a\x00b"), "without NUL bytes"),
+    ("save-none", lambda s: s.save(None), "save path must be a non-empty str.*got None"),
+    ("save-name-too-long", lambda s: s.save("x" * 300), "cannot save to .*File name too long"),
+]
+
 BAD_CREATE: list[tuple[str, dict[str, Any], str]] = [
     ("dim-zero", {"dim": 0}, "dim must be a positive int; got 0"),
     ("dim-float", {"dim": 1.5}, "got 1.5"),
@@ -76,6 +96,10 @@ BAD_CREATE: list[tuple[str, dict[str, Any], str]] = [
     ("capacity-zero", {"capacity": 0}, "capacity.*got 0"),
     ("unknown-option", {"no_such_option": 1}, "got 'no_such_option'"),
     ("device", {"device": "tpu"}, "device.*got 'tpu'"),
+    ("device-huge-int", {"device": 2**64}, "device.*got 18446744073709551616"),
+    ("partitions-huge", {"partitions": 2**40}, r"partitions=1,099,511,627,776 .*over the limit.*largest partitions"),
+    ("dim-huge", {"dim": 2**40}, r"a row of dim=1,099,511,627,776 .*over the limit"),
+    ("path-nul-byte", {"path": "a\x00b"}, "path must be .* without NUL bytes"),
 ]
 
 
@@ -97,18 +121,21 @@ class BadInputConformance:
         before = snapshot(victim, queries)
         with pytest.raises(kvmem.InvalidInputError, match=message):
             call(victim)
-        after = snapshot(victim, queries)
-        for key in before:
-            if isinstance(before[key], torch.Tensor):
-                assert torch.equal(before[key], after[key]), key
-            else:
-                np.testing.assert_array_equal(before[key], after[key], err_msg=key)
+        assert same(before, snapshot(victim, queries))
+
+    def test_odd_input_raises_and_changes_nothing(self, victim):
+        queries = _r(2, 6, 8)
+        before = snapshot(victim, queries)
+        for name, call, message in ODD_CALLS:
+            with pytest.raises(kvmem.InvalidInputError, match=message):
+                call(victim)
+            assert same(before, snapshot(victim, queries)), name
 
     @pytest.mark.parametrize("name, kwargs, message", BAD_CREATE, ids=[c[0] for c in BAD_CREATE])
     def test_bad_create_arguments_raise(self, tmp_path, name, kwargs, message):
         args: dict[str, Any] = {"dim": 8, **self.options, **kwargs}
         if self.needs_path:
-            args["path"] = tmp_path / "store"
+            args.setdefault("path", tmp_path / "store")
         with pytest.raises(kvmem.InvalidInputError, match=message):
             kvmem.create(self.backend, **args)
 

@@ -10,7 +10,7 @@ import torch
 from kvmem.store import SearchResult
 from kvmem.testing.model import BruteForceMemory, rounded
 
-__all__ = ["check_search", "check_get", "score_error", "snapshot"]
+__all__ = ["check_search", "check_get", "score_error", "snapshot", "same"]
 
 RTOL = 1e-4            # approximate stores: returned scores against the oracle's (rescored, any path)
 _U32 = 2.0 ** -24      # unit roundoff of float32
@@ -117,3 +117,10 @@ def snapshot(store: Any, queries: Any, k: int = 5) -> dict[str, Any]:
     res = store.search(queries, k)
     return {"counts": counts, "len": len(store), "scores": res.scores.clone(), "ids": res.ids.clone(),
             "keys": rounded(res.keys, torch.float32), "next": store._book.next_ids.tolist()}
+
+
+def same(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether two :func:`snapshot` s agree exactly."""
+    return before.keys() == after.keys() and all(
+        torch.equal(v, after[k]) if isinstance(v, torch.Tensor) else np.array_equal(v, after[k])
+        for k, v in before.items())

@@ -145,6 +145,18 @@ class StoreConformance(BadInputConformance):
         res = store.search(randn(0, 2, 3, 8), k=4)
         assert (res.ids == -1).all() and torch.isneginf(res.scores).all()
 
+    def test_empty_batches_give_empty_results(self, make):
+        store, model = make(partitions=2, dtype=torch.float16)
+        self.fill(store, model, 4)
+        res = store.search(torch.zeros(2, 0, 8), k=3)
+        assert [tuple(t.shape) for t in res] == [(2, 0, 3), (2, 0, 3), (2, 0, 3, 8), (2, 0, 3, 4)]
+        assert [t.dtype for t in res] == [torch.float32, torch.int64, torch.float16, torch.float16]
+        keys, values = store.get(np.zeros((2, 0), np.int64))
+        assert keys.shape == (2, 0, 8) and values.shape == (2, 0, 4) and keys.dtype == torch.float16
+        assert store.add(torch.zeros(2, 0, 8), torch.zeros(2, 0, 4)).shape == (2, 0)
+        store.remove(np.zeros((2, 0), np.int64))
+        assert len(store) == 8
+
     def test_two_dimensional_input_with_one_partition(self, make):
         store, model = make()
         ids = store.add(randn(0, 10, 8), randn(1, 10, 4))
