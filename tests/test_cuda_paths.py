@@ -236,7 +236,7 @@ def test_the_issues_feed_no_longer_asks_for_gigabytes():
     """A 512-token feed of an 8-kv-head model with 4 query heads per kv head, beside a 7B model on a
     24 GB card (about 6 GB free): the tile's rescoring and score block stay within 1.5 GB."""
     budget = devices.search_budget(6 << 30)
-    elems, tile = topk.cuda_plan(8, 32 + topk._MARGIN, 128, 2, budget)
+    elems, tile = topk.cuda_plan(8, 32 + topk._MARGIN[torch.bfloat16], 128, 2, budget)
     assert tile < 2048 and 8 * tile * 80 * (12 * 128 + 384) + elems * 2 * 2 <= budget <= 1.5 * (1 << 30)
 
 
@@ -252,7 +252,7 @@ def test_emulated_cuda_search_is_exact_in_several_tiles_and_blocks(emulated, dty
     store.add(torch.randn(2, n, 32, generator=gen), torch.zeros(2, n, 1))
     keys = store._table.data["keys"][:, :n]
     queries = torch.randn(2, 60, 32, generator=gen)
-    keep = 16 + (topk._MARGIN if ranking != "fp32" else 0)
+    keep = 16 + topk._MARGIN[torch.float32 if ranking == "fp32" else torch.bfloat16]
     _, tile = topk.cuda_plan(2, keep, 32, 2, devices.search_budget(devices.EMULATED_FREE))
     assert tile < 60                                                # several tiles (blocks: block_elems)
     _assert_exact(store.search(queries, 16), keys, queries, metric, 16)
@@ -260,8 +260,8 @@ def test_emulated_cuda_search_is_exact_in_several_tiles_and_blocks(emulated, dty
 
 def test_emulated_near_ties_are_searched_again_and_stay_exact(emulated, monkeypatch):
     calls = []
-    redo = topk._redo_directly
-    monkeypatch.setattr(topk, "_redo_directly", lambda *a, **kw: calls.append(1) or redo(*a, **kw))
+    redo = topk._redo
+    monkeypatch.setattr(topk, "_redo", lambda *a, **kw: calls.append(1) or redo(*a, **kw))
     gen = torch.Generator().manual_seed(5)
     base = torch.randn(1, 1, 32, generator=gen)
     store = kvmem.create("exact", dim=32, value_dim=1, partitions=2, dtype=torch.float32, ranking="bf16")
