@@ -46,50 +46,59 @@ import torch
 import kvmem
 from kvmem.errors import BackendUnavailableError, CorruptStoreError, InvalidInputError, KvmemError
 
+from . import _hf_context as ctx
 from . import _hf_layer as hfl
 from . import _hf_persist as persist
-from .attention import POSITION_MODES
+from ._hf_settings import Settings, resolve
 
-__all__ = ["attach", "load", "MemoryAdapter"]
-
-DEFAULT_CHUNK = 512
+__all__ = ["attach", "load", "MemoryAdapter", "Settings"]
 
 
 def attach(
     model: Any,
     backend: str = "exact",
-    layers: str | Sequence[int] = "all",
-    k: int = 32,
-    positions: str = "first",
+    layers: str | Sequence[int] | None = None,
+    k: int | str = 32,
+    positions: str | None = None,
     store_options: Mapping[str, Any] | None = None,
     chunk_size: int | None = None,
     search_options: Mapping[str, Any] | None = None,
+    last_context_length: int | None = None,
+    rolling: bool | None = None,
 ) -> MemoryAdapter:
     """Hang a kvmem memory on the attention modules of ``model`` and return its adapter.
+
+    Settings left as None come from a LongLLaMA config when the model has one
+    (:mod:`._hf_settings`), else from kvmem's defaults; ``adapter.settings``
+    shows what was chosen and ``adapter.settings.sources`` from where.
 
     Args:
         model: a transformers decoder whose attention dispatches through
             ``AttentionInterface`` (Llama, Mistral, Qwen2, ...), loaded with
             ``attn_implementation`` "sdpa" (the default) or "eager".
         backend: kvmem backend name for every layer's store.
-        layers: "all", or the decoder layer indices that get a memory.
-        k: memory keys retrieved per query.
+        layers: "all", or the decoder layer indices that get a memory (LongLLaMA: ``mem_layers``).
+        k: memory keys retrieved per query, or "all" for dense memory attention (exact, lmdb).
         positions: "first" (LongLLaMA), "absolute" or "none"; see the module docstring.
         store_options: extra ``kvmem.create`` arguments (``dtype``, ``capacity``,
             ``device``, backend options); a ``path`` gets one ``layer-<i>`` folder per layer.
-        chunk_size: default window of ``feed`` (512 when None).
+        chunk_size: the window: ``feed`` reads windows this long, and a rolling local
+            context stays within it (LongLLaMA: ``max_position_embeddings``; else 512).
         search_options: per-call search parameters (``nprobe``, ``ef``).
+        last_context_length: default of ``feed``'s (LongLLaMA: its config's; else 0).
+        rolling: whether the local context moves into memory when it reaches the window
+            (default: True for "first" and "none", False for "absolute").
     """
     _require_transformers()
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
         raise InvalidInputError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    if positions not in POSITION_MODES:
-        raise InvalidInputError(f"positions: expected one of {POSITION_MODES}, got {positions!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise InvalidInputError(f"k: expected an int >= 0, got {k!r}")
-    chunk_size = DEFAULT_CHUNK if chunk_size is None else _positive(chunk_size, "chunk_size")
+    chosen, sources = resolve(model.config, {
+        "layers": layers, "positions": positions, "chunk_size": chunk_size, "k": k,
+        "last_context_length": last_context_length, "rolling": rolling, "store_options": store_options,
+    })
+    positions = chosen["positions"]
     _check_backend(backend)
 
     if not type(model)._can_set_attn_implementation():
@@ -106,20 +115,25 @@ def attach(
             'load the model with attn_implementation="sdpa"'
         )
     modules = _attention_modules(model)
-    chosen = _choose(layers, modules)
-    some = modules[chosen[0]]
+    chosen_layers = _choose(chosen["layers"], modules)
+    some = modules[chosen_layers[0]]
     rope = hfl.model_rotary(model, some, some.head_dim)
     if rope is None and positions == "first":
         raise InvalidInputError('positions="first": expected a model with rotary embeddings, found none')
 
-    settings = hfl.LayerSettings(
+    settings = Settings(
         backend=backend,
+        layers=tuple(chosen_layers),
         k=k,
         positions=positions,
-        store_options=MappingProxyType(dict(store_options or {})),
+        chunk_size=chosen["chunk_size"],
+        last_context_length=chosen["last_context_length"],
+        rolling=chosen["rolling"],
+        store_options=MappingProxyType(chosen["store_options"]),
         search_options=MappingProxyType(dict(search_options or {})),
+        sources=MappingProxyType(sources),
     )
-    return MemoryAdapter(model, settings, chosen, modules, rope, original, chunk_size)
+    return MemoryAdapter(model, settings, modules, rope, original)
 
 
 class MemoryAdapter:
@@ -128,13 +142,20 @@ class MemoryAdapter:
     Not thread-safe: one call at a time, and no model forward during a call.
     """
 
-    def __init__(self, model, settings, chosen, modules, rope, original, chunk_size):
+    def __init__(self, model, settings: Settings, modules, rope, original):
         self.model = model
         self.settings = settings
-        self.chunk_size = chunk_size
+        self.chunk_size = settings.chunk_size
         self._state = hfl.StreamState()
-        self._modules = {i: modules[i] for i in chosen}
-        self._memories = {i: hfl.LayerMemory(i, settings, self._state, rope) for i in chosen}
+        self._context: Any = None  # the local context (a ContextCache), made on the first forward that needs one
+        self._layer_count = max(modules) + 1
+        self._cache_arg = ctx.cache_argument(model.forward)
+        layer_settings = hfl.LayerSettings(
+            backend=settings.backend, k=settings.k, positions=settings.positions,
+            store_options=settings.store_options, search_options=settings.search_options,
+        )
+        self._modules = {i: modules[i] for i in settings.layers}
+        self._memories = {i: hfl.LayerMemory(i, layer_settings, self._state, rope) for i in settings.layers}
         self._configs = _configs_of(model, modules.values())
         self._saved_impl = [(c, c._attn_implementation) for c in self._configs]
         self._original = original
@@ -151,6 +172,7 @@ class MemoryAdapter:
             raise
         for i, module in self._modules.items():
             setattr(module, hfl.MEMORY_ATTR, self._memories[i])
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -167,8 +189,27 @@ class MemoryAdapter:
         """Tokens fed per sequence since the last reset."""
         return self._state.tokens
 
-    def feed(self, input_ids: Any, chunk_size: int | None = None, return_logits: str = "last"):
+    @property
+    def context(self) -> int:
+        """Tokens per sequence in the local context (the KV cache the next forward or ``generate`` continues)."""
+        return 0 if self._context is None else self._context.local
+
+    def feed(
+        self,
+        input_ids: Any,
+        chunk_size: int | None = None,
+        return_logits: str = "last",
+        last_context_length: int | None = None,
+        attention_mask: Any = None,
+    ):
         """Read ``input_ids`` (B, N) window by window into memory.
+
+        The last ``last_context_length`` tokens (default: the adapter's) are
+        not written to memory: they become the local context of the next
+        forward or ``generate``, as LongLLaMA leaves them. A local context left
+        by earlier calls moves into memory first. ``attention_mask`` (B, N),
+        1 / True for real tokens, marks padding, which is neither written to
+        memory nor attended.
 
         Returns a ``CausalLMOutput`` whose ``logits`` are (B, 1, V) for the
         last token ("last") or (B, N, V) for every fed token ("all"). On an
@@ -187,39 +228,110 @@ class MemoryAdapter:
         if return_logits not in ("last", "all"):
             raise InvalidInputError(f'return_logits: expected "last" or "all", got {return_logits!r}')
         window = self.chunk_size if chunk_size is None else _positive(chunk_size, "chunk_size")
+        last = self.settings.last_context_length if last_context_length is None else last_context_length
+        if isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= window:
+            raise InvalidInputError(f"last_context_length: expected an int in [0, window={window}], got {last!r}")
+        held = _padding_mask(attention_mask, ids.shape)
+        if self._context is not None:
+            self._context.check_step(ids.shape[0], 0)
         device = next(self.model.parameters()).device
         B, N = ids.shape
         absolute = self.settings.positions == "absolute"
         keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        state, kept = self._state, []
-        state.writing, state.offset = True, 0
+        self.flush()
+        state, kept, head = self._state, [], max(N - last, 0)
+
+        def run(chunk, mask, **kwargs):
+            if keep:
+                kwargs["logits_to_keep"] = 0 if return_logits == "all" else 1
+            if mask is not None:
+                kwargs["attention_mask"] = mask.to(device)
+            calls = {i: m.calls for i, m in self._memories.items()}
+            out = self.model(input_ids=chunk.to(device), **kwargs)
+            self._check_dispatched(calls)
+            kept.append(out.logits if return_logits == "all" else out.logits[:, -1:])
+
         try:
             with torch.no_grad():
-                for start in range(0, N, window):
-                    chunk = ids[:, start : start + window].to(device)  # (B, W)
+                for start in range(0, head, window):
+                    stop = min(start + window, head)
+                    mask = None if held is None else held[:, start:stop]
+                    state.writing, state.held = True, mask
                     first = state.tokens if absolute else 0
-                    pos = torch.arange(first, first + chunk.shape[1], device=device).expand(B, -1)
-                    kwargs: dict[str, Any] = {"input_ids": chunk, "position_ids": pos, "use_cache": False}
-                    if keep:
-                        kwargs["logits_to_keep"] = 0 if return_logits == "all" else 1
-                    calls = {i: m.calls for i, m in self._memories.items()}
-                    out = self.model(**kwargs)
-                    self._check_dispatched(calls)
-                    kept.append(out.logits if return_logits == "all" else out.logits[:, -1:])
-                    state.tokens += chunk.shape[1]
+                    pos = torch.arange(first, first + stop - start, device=device).expand(B, -1)
+                    run(ids[:, start:stop], mask, position_ids=pos, use_cache=False)
+                    state.tokens += stop - start
+                state.writing, state.held = False, None
+                if head < N:
+                    self._context = self._new_context(pending=True)
+                    run(ids[:, head:], None if held is None else held[:, head:], use_cache=True)
         finally:
-            state.writing = False
-            state.offset = state.tokens if absolute else 0
+            state.writing, state.held = False, None
         logits = torch.cat(kept, dim=1) if return_logits == "all" else kept[-1]
         return CausalLMOutput(logits=logits)
 
-    def reset(self) -> None:
-        """Forget every row of every layer's memory (between documents)."""
+    def flush(self) -> None:
+        """Move the local context into memory now (memory layers write it; the others drop it)."""
         self._check_attached()
+        if self._context is not None:
+            self._context.flush()
+            self._context = None
+
+    def reset(self) -> None:
+        """Forget every row of every layer's memory and the local context (between documents)."""
+        self._check_attached()
+        self._context = None
         for memory in self._memories.values():
             if memory.store is not None:
                 memory.store.clear()
-        self._state.tokens = self._state.offset = 0
+        self._state.tokens = 0
+
+    def _new_context(self, pending: bool = False) -> Any:
+        base = self._state.tokens if self.settings.positions == "absolute" else 0
+        window = self.chunk_size if self.settings.rolling else None
+        context = ctx.new_context(self._layer_count, window, base, self._rolled)
+        context.pending = pending  # made by feed: the next caller continues it
+        return context
+
+    def _rolled(self, layer, key, value, positions, held) -> None:
+        """What leaves the local context: memory layers remember it."""
+        if layer in self._memories:
+            self._memories[layer].remember(key, value, positions, held)
+
+    def _before_forward(self, module, args, kwargs):
+        """Forward pre-hook: run a forward that keeps a cache on the local context (see :mod:`._hf_context`)."""
+        name = self._cache_arg
+        cache = kwargs.get(name)
+        if self._state.writing or (cache is None and kwargs.get("use_cache") is False):
+            return None
+        if cache is not None and not ctx.is_context(cache) and cache.get_seq_length() > 0:
+            return None  # the caller's own cache: positions and memory are the caller's business
+        B, T, device, mask = ctx.step_input(args, kwargs)
+        context = self._context
+        if cache is None and (context is None or not context.pending):  # a read-only forward
+            if self.settings.positions != "absolute" or kwargs.get("position_ids") is not None:
+                return None
+            positions = torch.arange(T, device=device) + self._state.tokens
+            return args, {**kwargs, "position_ids": positions.expand(B, -1)}
+        if context is not None and cache is not context:  # a new caller: generate, or a plain forward
+            if context.pending:
+                context.check_step(B, T)
+                context.pending = False
+            else:
+                context.flush()
+                context = None
+        if context is None:
+            context = self._context = self._new_context()
+        held = torch.ones(B, T, dtype=torch.bool, device=device)
+        if mask is not None:
+            held = mask[:, -T:].to(device, torch.bool)
+        if cache is not context:
+            context.seen = 0
+        positions = context.begin(held)
+        kwargs = {**kwargs, name: context, "use_cache": True, "position_ids": positions.expand(B, -1),
+                  "attention_mask": context.mask()}
+        self._state.tokens += T
+        return args, kwargs
 
     def save(self, path: str | os.PathLike) -> None:
         """Save every layer's memory under the folder ``path``; see :func:`load`.
@@ -236,6 +348,8 @@ class MemoryAdapter:
             "k": self.settings.k,
             "positions": self.settings.positions,
             "chunk_size": self.chunk_size,
+            "last_context_length": self.settings.last_context_length,
+            "rolling": self.settings.rolling,
             "store_options": persist.jsonable(self.settings.store_options),
             "search_options": dict(self.settings.search_options),
             "model": persist.fingerprint(self.model),
@@ -245,6 +359,8 @@ class MemoryAdapter:
         """Remove the memory and restore the model's attention exactly; closes the stores."""
         if not self._attached:
             return
+        self._hook.remove()
+        self._context = None
         for module in self._modules.values():
             if getattr(module, hfl.MEMORY_ATTR, None) is not None:
                 delattr(module, hfl.MEMORY_ATTR)
@@ -297,6 +413,8 @@ def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapt
         store_options=manifest["store_options"],
         chunk_size=manifest["chunk_size"],
         search_options=manifest["search_options"],
+        last_context_length=manifest.get("last_context_length", 0),
+        rolling=manifest.get("rolling", manifest["positions"] != "absolute"),
     )
     try:
         for i in manifest["saved_layers"]:
@@ -308,7 +426,6 @@ def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapt
         adapter.detach()
         raise
     adapter._state.tokens = manifest["tokens"]
-    adapter._state.offset = manifest["tokens"] if manifest["positions"] == "absolute" else 0
     return adapter
 
 
@@ -327,6 +444,21 @@ def _check_backend(backend: Any) -> None:
         raise InvalidInputError(f"backend: expected one of {sorted(known)}, got {backend!r}")
     if not known[backend].available:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable here: {known[backend].reason}")
+
+
+def _padding_mask(mask: Any, shape: torch.Size) -> torch.Tensor | None:
+    """``attention_mask`` (B, N) of 0/1 or bool -> bool (True: a real token), or None when nothing is padding."""
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask)
+    if tuple(mask.shape) != tuple(shape) or mask.dtype.is_floating_point:
+        raise InvalidInputError(
+            f"attention_mask: expected 0/1 or bool {tuple(shape)} like input_ids, got {mask.dtype} {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise InvalidInputError("attention_mask: expected only 0 and 1")
+    mask = mask.bool()
+    return None if bool(mask.all()) else mask
 
 
 def _positive(value: Any, name: str) -> int:
