@@ -264,7 +264,8 @@ class MemoryAdapter:
                 state.writing, state.held = False, None
                 if head < N:
                     self._context = self._new_context(pending=True)
-                    run(ids[:, head:], None if held is None else held[:, head:], use_cache=True)
+                    cache = {self._cache_arg: self._context}
+                    run(ids[:, head:], None if held is None else held[:, head:], use_cache=True, **cache)
         finally:
             state.writing, state.held = False, None
         logits = torch.cat(kept, dim=1) if return_logits == "all" else kept[-1]
