@@ -167,3 +167,19 @@ def test_k_all_is_refused_by_backends_that_cannot_stream(checkpoint):
     store = kvmem.create("ivf", dim=4, value_dim=4)
     with pytest.raises(InvalidInputError, match="ivf"):
         store.scan_rows(lambda *a: None)
+
+
+@pytest.mark.parametrize("backend", ["exact", "lmdb"])
+def test_k_all_equals_full_attention_under_absolute_positions(tmp_path, backend):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, initializer_range=0.25)
+    model = LlamaForCausalLM(config).eval()
+    ids = tokens(2, 64, seed=6)
+    with torch.no_grad():
+        want = model(ids).logits
+    options = {"dtype": torch.float32, **({"path": tmp_path / "m", "block_rows": 16} if backend == "lmdb" else {})}
+    adapter = hf.attach(model, backend=backend, k="all", positions="absolute", chunk_size=16, store_options=options)
+    got = adapter.feed(ids, return_logits="all").logits
+    assert (got - want).abs().max().item() <= 1e-4
+    adapter.detach()
