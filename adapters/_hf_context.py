@@ -154,3 +154,55 @@ def step_input(args: tuple, kwargs: dict) -> tuple[int, int, torch.device, torch
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.ndim != 2):
         mask = None  # a prepared 4-D mask: the model's own business
     return x.shape[0], x.shape[1], x.device, mask
+
+
+def prepare_forward(adapter: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The adapter's forward pre-hook: hand a forward that keeps a cache the local context, with its
+    positions and padding mask; a forward without one gets (``"absolute"``) stream positions only."""
+    name = adapter._cache_arg
+    cache = kwargs.get(name)
+    if adapter._state.writing or (cache is None and kwargs.get("use_cache") is False):
+        return None
+    if cache is not None and not is_context(cache) and cache.get_seq_length() > 0:
+        return None  # the caller's own cache: positions and memory are the caller's business
+    B, T, device, mask = step_input(args, kwargs)
+    context = adapter._context
+    if cache is None and (context is None or not context.pending):  # a read-only forward
+        if adapter.settings.positions != "absolute" or kwargs.get("position_ids") is not None:
+            return None
+        positions = torch.arange(T, device=device) + adapter._state.tokens
+        return args, {**kwargs, "position_ids": positions.expand(B, -1)}
+    if context is not None and cache is not context:  # a new caller: generate, or a plain forward
+        if context.pending:
+            context.check_step(B, T)
+            context.pending = False
+        else:
+            context.flush()
+            context = None
+    if context is None:
+        context = adapter._context = adapter._new_context()
+    held = torch.ones(B, T, dtype=torch.bool, device=device)
+    if mask is not None:
+        held = mask[:, -T:].to(device, torch.bool)
+    if cache is not context:
+        context.seen = 0
+    positions = context.begin(held)
+    kwargs = {**kwargs, name: context, "use_cache": True, "position_ids": positions.expand(B, -1),
+              "attention_mask": context.mask()}
+    adapter._state.tokens += T
+    return args, kwargs
+
+
+def padding_mask(mask: Any, shape: torch.Size) -> torch.Tensor | None:
+    """``attention_mask`` (B, N) of 0/1 or bool -> bool (True: a real token), or None when nothing is padding."""
+    if mask is None:
+        return None
+    mask = torch.as_tensor(mask)
+    if tuple(mask.shape) != tuple(shape) or mask.dtype.is_floating_point:
+        raise InvalidInputError(
+            f"attention_mask: expected 0/1 or bool {tuple(shape)} like input_ids, got {mask.dtype} {tuple(mask.shape)}"
+        )
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise InvalidInputError("attention_mask: expected only 0 and 1")
+    mask = mask.bool()
+    return None if bool(mask.all()) else mask

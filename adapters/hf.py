@@ -14,17 +14,21 @@ run the model's original ``sdpa`` or ``eager`` attention with its own mask.
 
 The stream: ``feed`` runs the model on windows of ``chunk_size`` tokens
 without a KV cache. In each memory layer the window's queries attend with one
-softmax to the causal window and to their top-k memory keys, then the
-window's keys and values are written to memory. Any other forward
-(``generate``, ``model(...)``) reads memory but does not write it.
+softmax to the causal window and to their top-k memory keys (or all of them,
+``k="all"``), then the window's keys and values are written to memory. The
+last ``last_context_length`` tokens instead become the local context: a KV
+cache (:mod:`._hf_context`) that a forward pre-hook hands to the next forward
+or ``generate``. A forward given a cache (``generate``) continues the local
+context; with ``rolling`` (the default for "first" and "none") the local
+context moves into memory whenever a step would make it longer than the
+window, and positions restart, as LongLLaMA does. The next caller or
+``flush()`` moves what is left into memory. A forward without a cache reads
+memory and writes nothing.
 
-Positions: with ``"absolute"`` ``feed`` gives the model absolute position ids
-(token n of the stream is at position n), so with an exact store and
-``k >= tokens`` feeding equals full attention; later forwards start at
-position 0 and their memory queries are moved by the number of fed tokens.
-With ``"first"`` and ``"none"`` every window starts at position 0 (local
-positions, as LongLLaMA), so positions never exceed ``chunk_size`` plus the
-generated length.
+Positions: with ``"absolute"`` token n of the stream is at position n, so
+with an exact store and ``k >= tokens`` (or ``k="all"``) feeding equals full
+attention. With ``"first"`` and ``"none"`` positions are local (every window
+and every local context starts at 0, as LongLLaMA).
 
 Concurrency: an adapter and its model run one forward at a time. Durability:
 memory lives in the stores; ``save`` writes a complete snapshot and switches
@@ -231,7 +235,7 @@ class MemoryAdapter:
         last = self.settings.last_context_length if last_context_length is None else last_context_length
         if isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= window:
             raise InvalidInputError(f"last_context_length: expected an int in [0, window={window}], got {last!r}")
-        held = _padding_mask(attention_mask, ids.shape)
+        held = ctx.padding_mask(attention_mask, ids.shape)
         if self._context is not None:
             self._context.check_step(ids.shape[0], 0)
         device = next(self.model.parameters()).device
@@ -300,39 +304,8 @@ class MemoryAdapter:
             self._memories[layer].remember(key, value, positions, held)
 
     def _before_forward(self, module, args, kwargs):
-        """Forward pre-hook: run a forward that keeps a cache on the local context (see :mod:`._hf_context`)."""
-        name = self._cache_arg
-        cache = kwargs.get(name)
-        if self._state.writing or (cache is None and kwargs.get("use_cache") is False):
-            return None
-        if cache is not None and not ctx.is_context(cache) and cache.get_seq_length() > 0:
-            return None  # the caller's own cache: positions and memory are the caller's business
-        B, T, device, mask = ctx.step_input(args, kwargs)
-        context = self._context
-        if cache is None and (context is None or not context.pending):  # a read-only forward
-            if self.settings.positions != "absolute" or kwargs.get("position_ids") is not None:
-                return None
-            positions = torch.arange(T, device=device) + self._state.tokens
-            return args, {**kwargs, "position_ids": positions.expand(B, -1)}
-        if context is not None and cache is not context:  # a new caller: generate, or a plain forward
-            if context.pending:
-                context.check_step(B, T)
-                context.pending = False
-            else:
-                context.flush()
-                context = None
-        if context is None:
-            context = self._context = self._new_context()
-        held = torch.ones(B, T, dtype=torch.bool, device=device)
-        if mask is not None:
-            held = mask[:, -T:].to(device, torch.bool)
-        if cache is not context:
-            context.seen = 0
-        positions = context.begin(held)
-        kwargs = {**kwargs, name: context, "use_cache": True, "position_ids": positions.expand(B, -1),
-                  "attention_mask": context.mask()}
-        self._state.tokens += T
-        return args, kwargs
+        """Forward pre-hook: see :func:`._hf_context.prepare_forward`."""
+        return ctx.prepare_forward(self, args, kwargs)
 
     def save(self, path: str | os.PathLike) -> None:
         """Save every layer's memory under the folder ``path``; see :func:`load`.
@@ -445,21 +418,6 @@ def _check_backend(backend: Any) -> None:
         raise InvalidInputError(f"backend: expected one of {sorted(known)}, got {backend!r}")
     if not known[backend].available:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable here: {known[backend].reason}")
-
-
-def _padding_mask(mask: Any, shape: torch.Size) -> torch.Tensor | None:
-    """``attention_mask`` (B, N) of 0/1 or bool -> bool (True: a real token), or None when nothing is padding."""
-    if mask is None:
-        return None
-    mask = torch.as_tensor(mask)
-    if tuple(mask.shape) != tuple(shape) or mask.dtype.is_floating_point:
-        raise InvalidInputError(
-            f"attention_mask: expected 0/1 or bool {tuple(shape)} like input_ids, got {mask.dtype} {tuple(mask.shape)}"
-        )
-    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-        raise InvalidInputError("attention_mask: expected only 0 and 1")
-    mask = mask.bool()
-    return None if bool(mask.all()) else mask
 
 
 def _positive(value: Any, name: str) -> int:
