@@ -183,3 +183,18 @@ def test_k_all_equals_full_attention_under_absolute_positions(tmp_path, backend)
     got = adapter.feed(ids, return_logits="all").logits
     assert (got - want).abs().max().item() <= 1e-4
     adapter.detach()
+
+
+def test_save_and_load_keep_the_longllama_settings(checkpoint, tmp_path):
+    model = load(checkpoint)
+    adapter = hf.attach(model, k="all")
+    adapter.feed(tokens(1, 2 * WINDOW + 3))
+    adapter.save(tmp_path / "mem")
+    rows = {i: len(s) for i, s in adapter.stores.items()}
+    adapter.detach()
+    again = hf.load(model, tmp_path / "mem")
+    s = again.settings
+    assert (s.k, s.layers, s.chunk_size, s.last_context_length, s.rolling) == ("all", tuple(MEM_LAYERS), WINDOW,
+                                                                             LAST, True)
+    assert {i: len(st) for i, st in again.stores.items()} == rows
+    again.detach()
