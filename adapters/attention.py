@@ -92,6 +92,7 @@ def memory_attention(
         k: memory keys retrieved per query (0: local attention only), or ``"all"``: every row
             of the query's partition, streamed in blocks (stores whose ``streams_rows`` is True).
             A ``k`` at least the largest partition takes that dense path too on such stores.
+            On the dense path memory logits carry no gradient (the streamed softmax is inference-only).
         memory_query: ``(B, H, T, d)`` queries used against memory (search and
             logits); defaults to ``query``. The position mode decides it.
         memory_key: ``(B, Hkv, Tl, d)`` keys written to memory; defaults to ``key``.
