@@ -190,7 +190,7 @@ class MemoryAdapter:
 
     @property
     def tokens(self) -> int:
-        """Tokens fed per sequence since the last reset."""
+        """Tokens per sequence read since the last reset: fed, or run through the local context."""
         return self._state.tokens
 
     @property
