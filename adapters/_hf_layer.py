@@ -165,14 +165,14 @@ class StreamState:
     """What every layer of one adapter shares: where the stream is."""
 
     writing: bool = False  # inside feed: attend, then write the chunk to memory
-    tokens: int = 0  # tokens fed since the last reset
-    offset: int = 0  # "absolute": positions to add to queries/keys of forwards outside feed
+    tokens: int = 0  # tokens of the stream in memory or in the local context since the last reset
+    held: torch.Tensor | None = None  # inside feed: (B, T) bool, False for padding (None: no padding)
 
 
 @dataclass(frozen=True)
 class LayerSettings:
     backend: str
-    k: int
+    k: int | str
     positions: str
     store_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     search_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
@@ -201,6 +201,7 @@ class LayerMemory:
             raise KvmemError(f"layer {self.layer_idx}: feed expects no KV cache, got {Tl - T} cached keys")
         store = self._store(B, Hkv, d, value.shape[-1], key.dtype, key.device)
         mem_query, mem_key = self._views(query, key, kwargs.get("position_ids"), writing)
+        held = self.state.held if writing else None
         out = memory_attention(
             query,
             key,
@@ -211,30 +212,50 @@ class LayerMemory:
             memory_key=mem_key,
             scaling=scaling,
             attention_mask=_bool_mask(attention_mask, Tl),
-            write=writing,
+            write=writing and held is None,
             search_params=self.settings.search_options,
         )  # (B, H, T, dv)
+        if held is not None:
+            self._write(store, mem_key, value, held)
         return out.transpose(1, 2).contiguous(), None  # (B, T, H, dv), no attention weights
+
+    def remember(self, key, value, positions, held):
+        """Write local keys ``(B, Hkv, n, d)`` as the model rotated them at ``positions (1, n)``, and
+        values, to memory; ``held (B, n)`` False marks padding, which is not written."""
+        B, Hkv, n, d = key.shape
+        store = self._store(B, Hkv, d, value.shape[-1], key.dtype)
+        self._write(store, self._memory_key(key, positions), value, held)
+
+    def _write(self, store, key, value, held):
+        """Add ``key``/``value`` ``(B, Hkv, n, d|dv)`` to ``store``; drop the rows ``held (B, n)`` marks False."""
+        B, Hkv, n, d = key.shape
+        P = B * Hkv
+        ids = store.add(key.detach().reshape(P, n, d), value.detach().reshape(P, n, -1))  # (P, n)
+        if held is not None and not bool(held.all()):
+            padding = (~held.to(ids.device, torch.bool))[:, None, :].expand(B, Hkv, n).reshape(P, n)
+            store.remove(ids.masked_fill(~padding, -1))
+
+    def _memory_key(self, key, positions):
+        """What memory stores of keys rotated at ``positions``: per the position mode."""
+        mode, rope = self.settings.positions, self.rope
+        if rope is None or mode == "absolute":
+            return key
+        unrotated = rope.unrotate(key, positions)
+        return rope.rotate(unrotated, torch.zeros_like(positions)) if mode == "first" else unrotated
 
     def _views(self, query, key, position_ids, writing):
         """Memory query (B, H, T, d) and, when writing, memory key (B, Hkv, T, d)."""
         mode, rope = self.settings.positions, self.rope
-        if rope is None:
-            return query, key
-        if mode == "absolute":
-            o = self.state.offset
-            return rope.shift(query, o), (rope.shift(key, o) if writing else None)
+        if rope is None or mode == "absolute":
+            return query, (key if writing else None)
         if position_ids is None:
             raise KvmemError(
                 f'layer {self.layer_idx}: positions="{mode}" needs the position_ids the model passes to '
                 "its attention function, and this model passes none"
             )
         if mode == "first":
-            if not writing:
-                return query, None
-            zeros = torch.zeros_like(position_ids)
-            return query, rope.rotate(rope.unrotate(key, position_ids), zeros)
-        return rope.unrotate(query, position_ids), (rope.unrotate(key, position_ids) if writing else None)
+            return query, (self._memory_key(key, position_ids) if writing else None)
+        return rope.unrotate(query, position_ids), (self._memory_key(key, position_ids) if writing else None)
 
     def _store(self, B, Hkv, d, dv, dtype, device):
         partitions = B * Hkv

@@ -31,7 +31,7 @@ from kvmem.errors import CorruptStoreError, InvalidInputError, path_error
 FORMAT = "kvmem.adapters.hf/1"
 MANIFEST = "adapter.json"
 REQUIRED = {
-    "snapshot": str, "tokens": int, "saved_layers": list, "layers": list, "backend": str, "k": int,
+    "snapshot": str, "tokens": int, "saved_layers": list, "layers": list, "backend": str, "k": (int, str),
     "positions": str, "chunk_size": int, "store_options": dict, "search_options": dict, "model": dict,
 }
 
@@ -70,7 +70,8 @@ def read(root: Path) -> dict[str, Any]:
         raise CorruptStoreError(f"{where}: expected format {FORMAT!r}")
     for key, kind in REQUIRED.items():
         if not isinstance(manifest.get(key), kind):
-            raise CorruptStoreError(f"{where}: expected {key!r} of type {kind.__name__}")
+            name = kind.__name__ if isinstance(kind, type) else " or ".join(t.__name__ for t in kind)
+            raise CorruptStoreError(f"{where}: expected {key!r} of type {name}")
     if not manifest["snapshot"].startswith("snapshot-") or "/" in manifest["snapshot"]:
         raise CorruptStoreError(f"{where}: bad snapshot name {manifest['snapshot']!r}")
     if not all(isinstance(i, int) for i in manifest["saved_layers"] + manifest["layers"]):

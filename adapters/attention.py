@@ -51,11 +51,22 @@ from torch import nn
 from kvmem.errors import InvalidInputError
 from kvmem.inputs import check_rows
 
+from . import dense
 from .rope import Rotary
 
-__all__ = ["POSITION_MODES", "MemoryAttentionConfig", "MemoryAttention", "memory_attention"]
+__all__ = ["POSITION_MODES", "MemoryAttentionConfig", "MemoryAttention", "memory_attention", "check_k"]
 
 POSITION_MODES = ("absolute", "first", "none")
+ALL = "all"  # k: attend to every memory row (dense memory attention)
+
+
+def check_k(k: Any) -> int | str:
+    """``k`` as given if it is an int >= 0 or ``"all"``; else :class:`InvalidInputError`."""
+    if k == ALL and isinstance(k, str):
+        return k
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise InvalidInputError(f'k: expected an int >= 0 or "all", got {k!r}')
+    return k
 
 
 def memory_attention(
@@ -63,7 +74,7 @@ def memory_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     store: Any,
-    k: int,
+    k: int | str,
     *,
     memory_query: torch.Tensor | None = None,
     memory_key: torch.Tensor | None = None,
@@ -81,7 +92,10 @@ def memory_attention(
             values, ``Tl >= T``; the last ``T`` positions are the chunk's own.
         store: a kvmem store with ``B * Hkv`` partitions, ``dim == d``,
             ``value_dim == dv``.
-        k: memory keys retrieved per query (0: local attention only).
+        k: memory keys retrieved per query (0: local attention only), or ``"all"``: every row
+            of the query's partition, streamed in blocks (stores whose ``streams_rows`` is True).
+            A ``k`` at least the largest partition takes that dense path too on such stores.
+            On the dense path memory logits carry no gradient (the streamed softmax is inference-only).
         memory_query: ``(B, H, T, d)`` queries used against memory (search and
             logits); defaults to ``query``. The position mode decides it.
         memory_key: ``(B, Hkv, Tl, d)`` keys written to memory; defaults to ``key``.
@@ -112,9 +126,13 @@ def memory_attention(
     allowed = _local_mask(attention_mask, B, H, T, Tl, query.device)  # (B|1, H|1, T, Tl)
     local = local.masked_fill(~allowed, -math.inf)
 
-    # Memory: each partition is searched by the queries of its group.
-    mem_logits, mem_values = None, None
-    if k > 0 and len(store) > 0:
+    # Memory: each partition is searched by the queries of its group, or streamed whole.
+    mem_logits, mem_values, streamed = None, None, None
+    held = max((store.count(p) for p in range(P)), default=0) if k else 0
+    v_groups = value.to(f32)  # (B, Hkv, Tl, dv)
+    if held and (k == ALL or (k >= held and store.streams_rows)):
+        streamed = dense.dense_memory(memory_query, store, scaling, Hkv)
+    elif held:
         search_q = memory_query.detach().reshape(P, G * T, d)  # (P, G*T, d); the store ranks in fp32
         res = store.search(search_q, k, **dict(search_params or {}))
         kk = res.ids.shape[-1]
@@ -124,8 +142,9 @@ def memory_attention(
         mem_logits = torch.einsum("bhtd,bhtkd->bhtk", memory_query.to(f32), mem_keys) * scaling
         mem_logits = mem_logits.masked_fill(ids < 0, -math.inf)  # (B, H, T, k)
 
-    v_groups = value.to(f32)  # (B, Hkv, Tl, dv)
-    if gate is None:
+    if gate is None and streamed is not None:
+        out = dense.merge_local(streamed, local, v_groups)
+    elif gate is None:
         logits = local if mem_logits is None else torch.cat([mem_logits, local], dim=-1)
         weights = _softmax(logits)  # (B, H, T, k + Tl)
         w_local = weights[..., -Tl:]
@@ -138,7 +157,9 @@ def memory_attention(
         out = torch.matmul(w_local.reshape(B, Hkv, G * T, Tl), v_groups).view(B, H, T, dv)
         g = torch.sigmoid(gate.to(f32)).view(1, H, 1, 1)
         mem_out = torch.zeros_like(out)
-        if mem_logits is not None:
+        if streamed is not None:
+            mem_out = dense.normalised(streamed)
+        elif mem_logits is not None:
             mem_out = torch.einsum("bhtk,bhtkv->bhtv", _softmax(mem_logits), mem_values)
         out = g * mem_out + (1 - g) * out
 
@@ -193,8 +214,10 @@ def _check(query, key, value, store, k, memory_query, memory_key, gate):
         raise InvalidInputError(f"memory_key: expected {tuple(key.shape)}, got {tuple(memory_key.shape)}")
     if gate is not None and tuple(gate.shape) != (H,):
         raise InvalidInputError(f"gate: expected shape ({H},), got {tuple(gate.shape)}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise InvalidInputError(f"k: expected an int >= 0, got {k!r}")
+    if check_k(k) == ALL and not store.streams_rows:
+        raise InvalidInputError(
+            f'k="all": expected a store that streams its rows (exact, lmdb), got the {store.backend} backend'
+        )
     want = (B * Hkv, d, dv)
     have = (store.partitions, store.dim, store.value_dim)
     if have != want:
@@ -223,7 +246,7 @@ def _position_ids(positions: Any, name: str, B: int, T: int, device: torch.devic
 @dataclass(frozen=True)
 class MemoryAttentionConfig:
     num_heads: int  # query heads H; the store has B * Hkv partitions
-    k: int = 32  # memory keys retrieved per query
+    k: int | str = 32  # memory keys retrieved per query, or "all"
     positions: str = "absolute"  # "absolute" | "first" | "none", see the module docstring
     gate: bool = False  # learned per-head gate between local and memory attention
     scaling: float | None = None  # logit scale; head_dim ** -0.5 when None
@@ -231,8 +254,7 @@ class MemoryAttentionConfig:
     def __post_init__(self):
         if self.positions not in POSITION_MODES:
             raise InvalidInputError(f"positions: expected one of {POSITION_MODES}, got {self.positions!r}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
-            raise InvalidInputError(f"k: expected an int >= 0, got {self.k!r}")
+        check_k(self.k)
         if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads <= 0:
             raise InvalidInputError(f"num_heads: expected an int > 0, got {self.num_heads!r}")
         check_rows("MemoryAttention", "num_heads", self.num_heads, 1, 4, torch.device("cpu"), rows="gate logits")
@@ -262,7 +284,7 @@ class MemoryAttention(nn.Module):
         store: Any,
         *,
         num_heads: int,
-        k: int = 32,
+        k: int | str = 32,
         positions: str = "absolute",
         gate: bool = False,
         scaling: float | None = None,

@@ -14,17 +14,21 @@ run the model's original ``sdpa`` or ``eager`` attention with its own mask.
 
 The stream: ``feed`` runs the model on windows of ``chunk_size`` tokens
 without a KV cache. In each memory layer the window's queries attend with one
-softmax to the causal window and to their top-k memory keys, then the
-window's keys and values are written to memory. Any other forward
-(``generate``, ``model(...)``) reads memory but does not write it.
+softmax to the causal window and to their top-k memory keys (or all of them,
+``k="all"``), then the window's keys and values are written to memory. The
+last ``last_context_length`` tokens instead become the local context: a KV
+cache (:mod:`._hf_context`) that a forward pre-hook hands to the next forward
+or ``generate``. A forward given a cache (``generate``) continues the local
+context; with ``rolling`` (the default for "first" and "none") the local
+context moves into memory whenever a step would make it longer than the
+window, and positions restart, as LongLLaMA does. The next caller or
+``flush()`` moves what is left into memory. A forward without a cache reads
+memory and writes nothing.
 
-Positions: with ``"absolute"`` ``feed`` gives the model absolute position ids
-(token n of the stream is at position n), so with an exact store and
-``k >= tokens`` feeding equals full attention; later forwards start at
-position 0 and their memory queries are moved by the number of fed tokens.
-With ``"first"`` and ``"none"`` every window starts at position 0 (local
-positions, as LongLLaMA), so positions never exceed ``chunk_size`` plus the
-generated length.
+Positions: with ``"absolute"`` token n of the stream is at position n, so
+with an exact store and ``k >= tokens`` (or ``k="all"``) feeding equals full
+attention. With ``"first"`` and ``"none"`` positions are local (every window
+and every local context starts at 0, as LongLLaMA).
 
 Concurrency: an adapter and its model run one forward at a time. Durability:
 memory lives in the stores; ``save`` writes a complete snapshot and switches
@@ -48,52 +52,61 @@ import kvmem.devices
 from kvmem import inputs
 from kvmem.errors import BackendUnavailableError, CorruptStoreError, InvalidInputError, KvmemError
 
+from . import _hf_context as ctx
 from . import _hf_layer as hfl
 from . import _hf_persist as persist
-from .attention import POSITION_MODES
+from ._hf_settings import Settings, resolve
 
-__all__ = ["attach", "load", "MemoryAdapter"]
-
-DEFAULT_CHUNK = 512
+__all__ = ["attach", "load", "MemoryAdapter", "Settings"]
 
 
 def attach(
     model: Any,
     backend: str = "exact",
-    layers: str | Sequence[int] = "all",
-    k: int = 32,
-    positions: str = "first",
+    layers: str | Sequence[int] | None = None,
+    k: int | str = 32,
+    positions: str | None = None,
     store_options: Mapping[str, Any] | None = None,
     chunk_size: int | None = None,
     search_options: Mapping[str, Any] | None = None,
+    last_context_length: int | None = None,
+    rolling: bool | None = None,
 ) -> MemoryAdapter:
     """Hang a kvmem memory on the attention modules of ``model`` and return its adapter.
+
+    Settings left as None come from a LongLLaMA config when the model has one
+    (:mod:`._hf_settings`), else from kvmem's defaults; ``adapter.settings``
+    shows what was chosen and ``adapter.settings.sources`` from where.
 
     Args:
         model: a transformers decoder whose attention dispatches through
             ``AttentionInterface`` (Llama, Mistral, Qwen2, ...), loaded with
             ``attn_implementation`` "sdpa" (the default) or "eager".
         backend: kvmem backend name for every layer's store.
-        layers: "all", or the decoder layer indices that get a memory.
-        k: memory keys retrieved per query.
+        layers: "all", or the decoder layer indices that get a memory (LongLLaMA: ``mem_layers``).
+        k: memory keys retrieved per query, or "all" for dense memory attention (exact, lmdb).
         positions: "first" (LongLLaMA), "absolute" or "none"; see the module docstring.
         store_options: extra ``kvmem.create`` arguments (``dtype``, ``capacity``,
             ``device``, backend options); a ``path`` gets one ``layer-<i>`` folder per layer.
             Stores live on the model's device where the backend can (``exact``, ``lmdb``),
             else on the CPU; a ``device`` the backend cannot live on raises here.
-        chunk_size: default window of ``feed`` (512 when None).
+        chunk_size: the window: ``feed`` reads windows this long, and a rolling local
+            context stays within it (LongLLaMA: ``max_position_embeddings``; else 512).
         search_options: per-call search parameters (``nprobe``, ``ef``).
+        last_context_length: default of ``feed``'s (LongLLaMA: its config's; else 0).
+        rolling: whether the local context moves into memory when it reaches the window
+            (default: True for "first" and "none", False for "absolute").
     """
     _require_transformers()
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
         raise InvalidInputError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    if positions not in POSITION_MODES:
-        raise InvalidInputError(f"positions: expected one of {POSITION_MODES}, got {positions!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise InvalidInputError(f"k: expected an int >= 0, got {k!r}")
-    chunk_size = DEFAULT_CHUNK if chunk_size is None else _positive(chunk_size, "chunk_size")
+    chosen, sources = resolve(model.config, {
+        "layers": layers, "positions": positions, "chunk_size": chunk_size, "k": k,
+        "last_context_length": last_context_length, "rolling": rolling, "store_options": store_options,
+    })
+    positions = chosen["positions"]
     _check_backend(backend)
     for name, options in (("store_options", store_options), ("search_options", search_options)):
         if options is not None and not isinstance(options, Mapping):
@@ -118,20 +131,25 @@ def attach(
             'load the model with attn_implementation="sdpa"'
         )
     modules = _attention_modules(model)
-    chosen = _choose(layers, modules)
-    some = modules[chosen[0]]
+    chosen_layers = _choose(chosen["layers"], modules)
+    some = modules[chosen_layers[0]]
     rope = hfl.model_rotary(model, some, some.head_dim)
     if rope is None and positions == "first":
         raise InvalidInputError('positions="first": expected a model with rotary embeddings, found none')
 
-    settings = hfl.LayerSettings(
+    settings = Settings(
         backend=backend,
+        layers=tuple(chosen_layers),
         k=k,
         positions=positions,
-        store_options=MappingProxyType(dict(store_options or {})),
+        chunk_size=chosen["chunk_size"],
+        last_context_length=chosen["last_context_length"],
+        rolling=chosen["rolling"],
+        store_options=MappingProxyType(chosen["store_options"]),
         search_options=MappingProxyType(dict(search_options or {})),
+        sources=MappingProxyType(sources),
     )
-    return MemoryAdapter(model, settings, chosen, modules, rope, original, chunk_size)
+    return MemoryAdapter(model, settings, modules, rope, original)
 
 
 class MemoryAdapter:
@@ -140,13 +158,20 @@ class MemoryAdapter:
     Not thread-safe: one call at a time, and no model forward during a call.
     """
 
-    def __init__(self, model, settings, chosen, modules, rope, original, chunk_size):
+    def __init__(self, model, settings: Settings, modules, rope, original):
         self.model = model
         self.settings = settings
-        self.chunk_size = chunk_size
+        self.chunk_size = settings.chunk_size
         self._state = hfl.StreamState()
-        self._modules = {i: modules[i] for i in chosen}
-        self._memories = {i: hfl.LayerMemory(i, settings, self._state, rope) for i in chosen}
+        self._context: Any = None  # the local context (a ContextCache), made on the first forward that needs one
+        self._layer_count = max(modules) + 1
+        self._cache_arg = ctx.cache_argument(model.forward)
+        layer_settings = hfl.LayerSettings(
+            backend=settings.backend, k=settings.k, positions=settings.positions,
+            store_options=settings.store_options, search_options=settings.search_options,
+        )
+        self._modules = {i: modules[i] for i in settings.layers}
+        self._memories = {i: hfl.LayerMemory(i, layer_settings, self._state, rope) for i in settings.layers}
         self._configs = _configs_of(model, modules.values())
         self._saved_impl = [(c, c._attn_implementation) for c in self._configs]
         self._original = original
@@ -163,6 +188,7 @@ class MemoryAdapter:
             raise
         for i, module in self._modules.items():
             setattr(module, hfl.MEMORY_ATTR, self._memories[i])
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -176,16 +202,38 @@ class MemoryAdapter:
 
     @property
     def tokens(self) -> int:
-        """Tokens fed per sequence since the last reset."""
+        """Tokens per sequence read since the last reset: fed, or run through the local context."""
         return self._state.tokens
 
-    def feed(self, input_ids: Any, chunk_size: int | None = None, return_logits: str = "last",
-             search: bool = True):
+    @property
+    def context(self) -> int:
+        """Tokens per sequence in the local context (the KV cache the next forward or ``generate`` continues)."""
+        return 0 if self._context is None else self._context.local
+
+    def feed(
+        self,
+        input_ids: Any,
+        chunk_size: int | None = None,
+        return_logits: str = "last",
+        last_context_length: int | None = None,
+        attention_mask: Any = None,
+        search: bool = True,
+    ):
         """Read ``input_ids`` (B, N) window by window into memory.
+
+        The last ``last_context_length`` tokens (default: the adapter's) are
+        not written to memory: they become the local context of the next
+        forward or ``generate``, as LongLLaMA leaves them. A local context left
+        by earlier calls moves into memory first. ``attention_mask`` (B, N),
+        1 / True for real tokens, marks padding, which is neither written to
+        memory nor attended.
 
         With ``search=False`` each window attends to itself only and is
         written to memory without searching it; windows then run many at a
-        time (:mod:`._hf_fill`), which fills a large memory fast.
+        time (:mod:`._hf_fill`), which fills a large memory fast. Every token
+        goes to memory then: it takes no ``attention_mask`` and no
+        ``last_context_length``.
+
         Returns a ``CausalLMOutput`` whose ``logits`` are (B, 1, V) for the
         last token ("last") or (B, N, V) for every fed token ("all"). On an
         error part of a window may be in memory: call ``reset()``.
@@ -213,43 +261,88 @@ class MemoryAdapter:
         if not isinstance(return_logits, str) or return_logits not in ("last", "all"):
             raise InvalidInputError(f'return_logits: expected "last" or "all", got {return_logits!r}')
         window = self.chunk_size if chunk_size is None else _positive(chunk_size, "chunk_size")
+        last = self.settings.last_context_length if last_context_length is None else last_context_length
+        if isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= window:
+            raise InvalidInputError(f"last_context_length: expected an int in [0, window={window}], got {last!r}")
+        held = ctx.padding_mask(attention_mask, ids.shape)
+        if self._context is not None:
+            self._context.check_step(ids.shape[0], 0)
         if not search:
+            if held is not None or last_context_length:
+                raise InvalidInputError("search=False writes every token to memory: it takes no attention_mask "
+                                        f"and no last_context_length; got {last_context_length!r} and a mask")
             from ._hf_fill import feed_write_only
 
+            self.flush()
             return feed_write_only(self, ids, window, return_logits)
         device = next(self.model.parameters()).device
         B, N = ids.shape
         absolute = self.settings.positions == "absolute"
         keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-        state, kept = self._state, []
-        state.writing, state.offset = True, 0
+        self.flush()
+        state, kept, head = self._state, [], max(N - last, 0)
+
+        def run(chunk, mask, **kwargs):
+            if keep:
+                kwargs["logits_to_keep"] = 0 if return_logits == "all" else 1
+            if mask is not None:
+                kwargs["attention_mask"] = mask.to(device)
+            calls = {i: m.calls for i, m in self._memories.items()}
+            out = self.model(input_ids=chunk.to(device), **kwargs)
+            self._check_dispatched(calls)
+            kept.append(out.logits if return_logits == "all" else out.logits[:, -1:])
+
         try:
             with torch.no_grad():
-                for start in range(0, N, window):
-                    chunk = ids[:, start : start + window].to(device)  # (B, W)
+                for start in range(0, head, window):
+                    stop = min(start + window, head)
+                    mask = None if held is None else held[:, start:stop]
+                    state.writing, state.held = True, mask
                     first = state.tokens if absolute else 0
-                    pos = torch.arange(first, first + chunk.shape[1], device=device).expand(B, -1)
-                    kwargs: dict[str, Any] = {"input_ids": chunk, "position_ids": pos, "use_cache": False}
-                    if keep:
-                        kwargs["logits_to_keep"] = 0 if return_logits == "all" else 1
-                    calls = {i: m.calls for i, m in self._memories.items()}
-                    out = self.model(**kwargs)
-                    self._check_dispatched(calls)
-                    kept.append(out.logits if return_logits == "all" else out.logits[:, -1:])
-                    state.tokens += chunk.shape[1]
+                    pos = torch.arange(first, first + stop - start, device=device).expand(B, -1)
+                    run(ids[:, start:stop], mask, position_ids=pos, use_cache=False)
+                    state.tokens += stop - start
+                state.writing, state.held = False, None
+                if head < N:
+                    self._context = self._new_context(pending=True)
+                    cache = {self._cache_arg: self._context}
+                    run(ids[:, head:], None if held is None else held[:, head:], use_cache=True, **cache)
         finally:
-            state.writing = False
-            state.offset = state.tokens if absolute else 0
+            state.writing, state.held = False, None
         logits = torch.cat(kept, dim=1) if return_logits == "all" else kept[-1]
         return CausalLMOutput(logits=logits)
 
-    def reset(self) -> None:
-        """Forget every row of every layer's memory (between documents)."""
+    def flush(self) -> None:
+        """Move the local context into memory now (memory layers write it; the others drop it)."""
         self._check_attached()
+        if self._context is not None:
+            self._context.flush()
+            self._context = None
+
+    def reset(self) -> None:
+        """Forget every row of every layer's memory and the local context (between documents)."""
+        self._check_attached()
+        self._context = None
         for memory in self._memories.values():
             if memory.store is not None:
                 memory.store.clear()
-        self._state.tokens = self._state.offset = 0
+        self._state.tokens = 0
+
+    def _new_context(self, pending: bool = False) -> Any:
+        base = self._state.tokens if self.settings.positions == "absolute" else 0
+        window = self.chunk_size if self.settings.rolling else None
+        context = ctx.new_context(self._layer_count, window, base, self._rolled)
+        context.pending = pending  # made by feed: the next caller continues it
+        return context
+
+    def _rolled(self, layer, key, value, positions, held) -> None:
+        """What leaves the local context: memory layers remember it."""
+        if layer in self._memories:
+            self._memories[layer].remember(key, value, positions, held)
+
+    def _before_forward(self, module, args, kwargs):
+        """Forward pre-hook: see :func:`._hf_context.prepare_forward`."""
+        return ctx.prepare_forward(self, args, kwargs)
 
     def crossbatch(self, d: int = 2, window: int | None = None):
         """A context in which the model trains with CrossBatch (:class:`.crossbatch.CrossBatchTraining`)."""
@@ -272,6 +365,8 @@ class MemoryAdapter:
             "k": self.settings.k,
             "positions": self.settings.positions,
             "chunk_size": self.chunk_size,
+            "last_context_length": self.settings.last_context_length,
+            "rolling": self.settings.rolling,
             "store_options": persist.jsonable(self.settings.store_options),
             "search_options": dict(self.settings.search_options),
             "model": persist.fingerprint(self.model),
@@ -281,6 +376,8 @@ class MemoryAdapter:
         """Remove the memory and restore the model's attention exactly; closes the stores."""
         if not self._attached:
             return
+        self._hook.remove()
+        self._context = None
         for module in self._modules.values():
             if getattr(module, hfl.MEMORY_ATTR, None) is not None:
                 delattr(module, hfl.MEMORY_ATTR)
@@ -337,6 +434,8 @@ def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapt
         store_options=store_options,
         chunk_size=manifest["chunk_size"],
         search_options=manifest["search_options"],
+        last_context_length=manifest.get("last_context_length", 0),
+        rolling=manifest.get("rolling", manifest["positions"] != "absolute"),
     )
     try:
         for i in manifest["saved_layers"]:
@@ -348,7 +447,6 @@ def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapt
         adapter.detach()
         raise
     adapter._state.tokens = manifest["tokens"]
-    adapter._state.offset = manifest["tokens"] if manifest["positions"] == "absolute" else 0
     return adapter
 
 

@@ -140,6 +140,30 @@ def _fot_render(data: Any) -> str:
     return fot_lookup.render(data)
 
 
+def _generate(out: Path) -> Any:
+    from . import generate
+
+    return generate.main([])
+
+
+def _generate_render(data: Any) -> str:
+    from . import generate
+
+    return generate.render(data)
+
+
+def _dense(out: Path) -> Any:
+    from . import dense_memory
+
+    return dense_memory.main([])
+
+
+def _dense_render(data: Any) -> str:
+    from . import dense_memory
+
+    return dense_memory.render(data)
+
+
 SECTIONS: dict[str, Section] = {
     "exact": Section("`exact` against faiss `IndexFlatIP` and naive torch",
                      "python -m kvmem.benchmarks.exact_flat", _exact, _exact_render),
@@ -158,6 +182,10 @@ SECTIONS: dict[str, Section] = {
                        "python -m kvmem.benchmarks.sharded", _sharded, _sharded_render),
     "fot": Section("Dictionary lookup with a CrossBatch-trained memory model (issue 18)",
                    "python -m kvmem.benchmarks.fot_lookup all --out fot-run", _fot, _fot_render),
+    "generate": Section("Generate with 64k and 1M memory tokens per kv head, rolling local context (issue 15)",
+                        "python -m kvmem.benchmarks.generate --memory 65536,1048576", _generate, _generate_render),
+    "dense": Section('Dense memory attention (`k="all"`): peak memory of a window over a 32k memory (issue 15)',
+                     "python -m kvmem.benchmarks.dense_memory", _dense, _dense_render),
 }
 
 

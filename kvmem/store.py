@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -104,6 +104,11 @@ class MemoryStore(ABC):
         """Whether every change is on disk when the call returns."""
         return False
 
+    @property
+    def streams_rows(self) -> bool:
+        """Whether :meth:`scan_rows` can visit every row (dense memory attention, ``k="all"``)."""
+        return False
+
     def nbytes(self) -> int:
         """Bytes the store holds (RAM for in-memory backends, disk for persistent ones)."""
         return 0
@@ -169,6 +174,27 @@ class MemoryStore(ABC):
                 slots = torch.from_numpy(self._book.slots_of(ids)).to(self.device)
                 _, keys, values = self._rows(slots)
         return (keys[0], values[0]) if squeezed else (keys, values)
+
+    def scan_rows(self, visit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None],
+                  block_rows: int = 4096) -> None:
+        """Call ``visit(keys (P, n, dim), values (P, n, value_dim), held (P, n) bool)`` on every block of
+        at most ``block_rows`` slots, in slot order, under the read lock; ``held`` is False where a
+        partition holds no row (its keys and values there are zeros or stale). Tensors are on the
+        store's device in the store dtype and valid only during the call (they may view the store).
+
+        Only for stores whose :attr:`streams_rows` is True; others raise :class:`InvalidInputError`.
+        """
+        self._check_open()
+        if not self.streams_rows:
+            raise InvalidInputError(f"the {self.backend} backend cannot stream its rows (streams_rows is False); "
+                                    "use exact or lmdb for dense memory attention")
+        if isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1:
+            raise InvalidInputError(f"block_rows: expected an int >= 1, got {block_rows!r}")
+        with self._lock.read(), self._session(write=False):
+            counts = torch.as_tensor(self._book.counts, device=self.device)[:, None]           # (P, 1)
+            for first, keys, values in self._row_blocks(block_rows):
+                slots = torch.arange(first, first + keys.shape[1], device=self.device)[None, :]  # (1, n)
+                visit(keys, values, slots < counts)
 
     def remove(self, ids: Any) -> None:
         """Delete live ids ``(P, m)``; ``-1`` entries are padding. Unknown ids raise and remove nothing."""
@@ -294,6 +320,11 @@ class MemoryStore(ABC):
     @abstractmethod
     def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ids, keys and values at ``slots (P, *shape)``; ``-1`` slots give id -1 and zero rows."""
+
+    def _row_blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(first slot, keys (P, n, dim), values (P, n, value_dim))`` over slots ``[0, max count)``,
+        ``n <= rows``; for backends whose :attr:`streams_rows` is True."""
+        raise NotImplementedError
 
     @abstractmethod
     def _save_files(self, directory: Path, tag: str) -> dict[str, str]:

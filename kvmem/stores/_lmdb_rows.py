@@ -89,6 +89,27 @@ class Rows:
         raw = self.gather(partition, count, slots, ("keys",))["keys"]
         return torch.from_numpy(raw).view(self.layout.dtype).float().numpy()
 
+    def stream(self, counts: np.ndarray, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """``(first slot, keys (P, n, dim), values (P, n, value_dim))`` over every partition's slots, whole
+        stored blocks at a time (at least one, about ``rows`` slots); copied into two reused buffers,
+        zeros where a partition holds no row."""
+        B, top = self.layout.rows, int(counts.max(initial=0))
+        span = max(B, rows // B * B)
+        shape = (len(counts), min(span, top))
+        keys = torch.zeros((*shape, self.layout.dim), dtype=self.layout.dtype)
+        values = torch.zeros((*shape, self.layout.value_dim), dtype=self.layout.dtype)
+        for first in range(0, top, span):
+            n = min(span, top - first)
+            for p, c in enumerate(counts):
+                held = max(0, min(n, int(c) - first))
+                for at in range(0, held, B):
+                    block = self.block(p, (first + at) // B, self._rows_in(int(c), (first + at) // B))
+                    keys[p, at:at + block.rows] = block.tensor("keys")
+                    values[p, at:at + block.rows] = block.tensor("values")
+                keys[p, held:n] = 0
+                values[p, held:n] = 0
+            yield first, keys[:, :n], values[:, :n]
+
     def ids(self, partition: int, count: int) -> np.ndarray:
         """The ids of one partition in slot order ``(count,)``."""
         n = _blocks_for(count, self.layout.rows)

@@ -54,6 +54,10 @@ class ExactStore(TableStore):
     def exact(self) -> bool:
         return True
 
+    @property
+    def streams_rows(self) -> bool:
+        return True
+
     @classmethod
     def check_options(cls, options: Mapping[str, Any], device: torch.device) -> None:
         if options["ranking"] not in _RANKINGS:
@@ -72,6 +76,12 @@ class ExactStore(TableStore):
         rank = rank_dtype_for(self.options["ranking"], queries.shape[1], self.dtype, self.metric, self.device)
         return blocked_search(TableKeys(self), queries, k, self.metric, rank_dtype=rank,
                               block_elems=self.options["block_elems"])
+
+
+    def _row_blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        keys, values = self._table.data["keys"], self._table.data["values"]
+        for first in range(0, int(self._book.counts.max(initial=0)), rows):
+            yield first, keys[:, first:first + rows], values[:, first:first + rows]            # views
 
 
 class TableKeys:

@@ -116,6 +116,10 @@ class LMDBStore(MemoryStore):
     def persistent(self) -> bool:
         return self._temporary is None
 
+    @property
+    def streams_rows(self) -> bool:
+        return True
+
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file() and f.name != "lock.mdb")
 
@@ -377,6 +381,10 @@ class LMDBStore(MemoryStore):
         rank = rank_dtype_for(self.options["ranking"], queries.shape[1], self.dtype, self.metric, self.device)
         return blocked_search(source, queries, k, self.metric, rank_dtype=rank,
                               block_elems=self.options["block_elems"])
+
+    def _row_blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        for first, keys, values in self._rows_here().stream(self._local.state.counts, rows):
+            yield first, keys.to(self.device), values.to(self.device)
 
     def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         found = gather_columns(self._rows_here(), self._local.state.counts, slots, ("ids", "keys", "values"))
