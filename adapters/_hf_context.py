@@ -57,8 +57,8 @@ def new_context(layers: int, window: int | None, base: int, on_roll: Rollover) -
                 self.lazy_initialization(key_states, value_states)
             owner = self.owner
             if owner.rolls and self.keys.numel():
-                positions = torch.arange(self.keys.shape[-2], device=self.keys.device)[None] + owner.base
-                owner.on_roll(self.index, self.keys, self.values, positions, owner.dropped)
+                owner.on_roll(self.index, self.keys, self.values, owner.positions(owner.dropped, self.keys),
+                              owner.dropped)
                 self.keys, self.values = key_states, value_states
             else:
                 self.keys = torch.cat([self.keys, key_states], dim=-2)
@@ -99,8 +99,16 @@ def new_context(layers: int, window: int | None, base: int, on_roll: Rollover) -
                     f"({self.local} tokens), got {batch}; call reset() first"
                 )
 
+        def positions(self, held: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
+            """Positions ``(B, n)`` (or ``(1, n)`` without padding) of a local context whose tokens are
+            ``held (B, n)``: ``base`` plus the real tokens before each, so that a left-padded row sits
+            where it would sit unpadded."""
+            if held is None:
+                return torch.arange(keys.shape[-2], device=keys.device)[None] + self.base
+            return (held.long().cumsum(1) - 1).clamp(min=0).to(keys.device) + self.base
+
         def begin(self, held: torch.Tensor) -> torch.Tensor:
-            """Plan a forward of tokens ``held (B, T)`` (True: real); returns their positions ``(1, T)``."""
+            """Plan a forward of tokens ``held (B, T)`` (True: real); returns their positions ``(B, T)``."""
             T = held.shape[1]
             self.rolls = self.window is not None and self.local > 0 and self.local + T > self.window
             if self.rolls:
@@ -111,7 +119,7 @@ def new_context(layers: int, window: int | None, base: int, on_roll: Rollover) -
                 self.offset = self.local
             self.local = self.offset + T
             self.seen += T
-            return (torch.arange(T, device=held.device) + self.base + self.offset)[None]
+            return self.positions(self.held, held)[:, self.offset:self.offset + T].expand(held.shape[0], -1)
 
         def mask(self) -> torch.Tensor | None:
             """The 2-D padding mask ``(B, local)`` of the planned step, or None when nothing is padding."""
@@ -122,8 +130,8 @@ def new_context(layers: int, window: int | None, base: int, on_roll: Rollover) -
             if self.local:
                 for layer in self.layers:
                     if layer.is_initialized and layer.keys.numel():
-                        positions = torch.arange(layer.keys.shape[-2], device=layer.keys.device)[None] + self.base
-                        self.on_roll(layer.index, layer.keys, layer.values, positions, self.held)
+                        self.on_roll(layer.index, layer.keys, layer.values, self.positions(self.held, layer.keys),
+                                     self.held)
             for layer in self.layers:
                 layer.reset()
             self.local = self.seen = self.offset = 0
@@ -187,7 +195,7 @@ def prepare_forward(adapter: Any, args: tuple, kwargs: dict) -> tuple[tuple, dic
     if cache is not context:
         context.seen = 0
     positions = context.begin(held)
-    kwargs = {**kwargs, name: context, "use_cache": True, "position_ids": positions.expand(B, -1),
+    kwargs = {**kwargs, name: context, "use_cache": True, "position_ids": positions,
               "attention_mask": context.mask()}
     adapter._state.tokens += T
     return args, kwargs

@@ -79,7 +79,7 @@ class _WriteOnly:
         R, H, W, d = query.shape  # (B*m, H, W, d)
         Hkv, dv = key.shape[1], value.shape[-1]
         B, m = self.docs, R // self.docs
-        store = memory._store(B, Hkv, d, dv, key.dtype)
+        store = memory._store(B, Hkv, d, dv, key.dtype, key.device)
         _, mem_key = memory._views(query, key, kwargs.get("position_ids"), True)  # (R, Hkv, W, d)
         store.add(_stream(mem_key, B, m), _stream(value, B, m))
         f32 = torch.float32

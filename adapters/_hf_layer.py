@@ -223,7 +223,7 @@ class LayerMemory:
         """Write local keys ``(B, Hkv, n, d)`` as the model rotated them at ``positions (1, n)``, and
         values, to memory; ``held (B, n)`` False marks padding, which is not written."""
         B, Hkv, n, d = key.shape
-        store = self._store(B, Hkv, d, value.shape[-1], key.dtype)
+        store = self._store(B, Hkv, d, value.shape[-1], key.dtype, key.device)
         self._write(store, self._memory_key(key, positions), value, held)
 
     def _write(self, store, key, value, held):
