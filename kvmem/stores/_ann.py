@@ -14,8 +14,13 @@
   gathered for that are the ones ``search`` returns (the result is kept per
   thread between ``_search`` and ``_rows``), so the key column is read once.
 - ``target_recall``: the per-call knob (``nprobe``, ``ef``) is calibrated per
-  partition on a sample of its stored keys against exact search
-  (:mod:`kvmem.stores._calibrate`) after each (re)build of the index and
+  partition against exact search (:mod:`kvmem.stores._calibrate`) on the
+  queries it is asked (a reservoir sample of ``query_sample`` per partition,
+  :mod:`kvmem.stores._asked`), or on its stored keys until
+  :data:`~kvmem.stores._asked.MIN_ASKED` queries have been asked; after each
+  (re)build of the index, as the sample of asked queries turns over (each time
+  it has taken half as many new queries as the last calibration rested on;
+  in a background thread under the read lock, so searches go on), and
   whenever the rows added since the last calibration reach a quarter of the
   rows held then (every 1.25x of a growing memory, every quarter turnover of
   a FIFO one): recall at a fixed knob falls as a memory grows (an ef
@@ -34,11 +39,17 @@
   and fight the spans for the cores (a 500-query hnswlib search took 1.4x as
   long right after a parallel torch op on a 2-core machine). A search uses at
   most the caller's ``torch.get_num_threads()`` cores.
-- Persistence: the native index files plus ``ann.<tag>.json`` (per-partition
-  state and calibration), all checksummed by :mod:`kvmem.persist`.
+- Asked queries also build the hub (:class:`kvmem.stores._asked.Hub`): the
+  true neighbours of the sampled queries nearest a search's query join the
+  index's candidates, which is what lets an index built on keys reach queries
+  unlike them.
+- Persistence: the native index files, ``ann.<tag>.json`` (per-partition
+  state and calibration) and ``asked.<tag>.safetensors`` (samples and hubs),
+  all checksummed by :mod:`kvmem.persist`.
 
 Thread-safe with other search calls; add, remove and clear take the write lock
-(and so does the maintenance an add triggers: training, calibration).
+(and so does the maintenance an add triggers: training, calibration); a
+calibration a search triggers runs in one background thread under the read lock.
 """
 
 from __future__ import annotations
@@ -54,20 +65,23 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
+from kvmem import inputs
 from kvmem.config import StoreConfig
-from kvmem.errors import CorruptStoreError, InvalidInputError
+from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError
 from kvmem.store import SearchResult
+from kvmem.stores._asked import MIN_ASKED, AskedQueries, Hub, load_asked, merge, save_asked
 from kvmem.stores._calibrate import Calibration, K, calibrate
 from kvmem.stores._threads import parallel, spread, torch_threads, workers
 from kvmem.stores.exact import TableKeys, sqnorm_column, sqnorm_rows
 from kvmem.tablestore import TableStore
 from kvmem.topk import NEG_INF, blocked_search, exact_scores, rank_dtype_for
 
-__all__ = ["AnnStore", "PartIndex", "check_int", "check_recall", "read_meta"]
+__all__ = ["AnnStore", "PartIndex", "ANN_DEFAULTS", "check_ann_options", "check_int", "check_recall", "read_meta"]
 
 DEFAULT_TARGET = 0.95       # recall@32 aimed at when the user fixes neither the knob nor target_recall
 RECALIBRATE_AFTER = 0.25    # rows added since the last calibration, as a fraction of the rows held then
 _META_LIMIT = 16 << 20      # bytes; the state file is a few KB per thousand partitions
+ANN_DEFAULTS = {"query_sample": 1024}   # options both backends take (see AnnStore)
 
 # ---------------------------------------------------------------------------------------------- validation
 def check_int(backend: str, name: str, value: Any, *, low: int = 1, allow_none: bool = True) -> None:
@@ -78,11 +92,15 @@ def check_int(backend: str, name: str, value: Any, *, low: int = 1, allow_none: 
                                 f"{' or None' if allow_none else ''}; got {value!r}")
 
 
-def check_recall(backend: str, value: Any) -> None:
+def check_recall(backend: str, value: Any, what: str = "option target_recall") -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) <= 1:
-        raise InvalidInputError(f"{backend} option target_recall must be a number in (0, 1] or None; got {value!r}")
+        raise InvalidInputError(f"{backend} {what} must be a number in (0, 1] or None; got {value!r}")
+
+
+def check_ann_options(backend: str, options: Mapping[str, Any]) -> None:
+    check_int(backend, "query_sample", options.get("query_sample", 0), low=0, allow_none=False)
 
 
 def read_meta(path: Path, backend: str, partitions: int) -> list[dict[str, Any]]:
@@ -214,6 +232,10 @@ class AnnStore(TableStore):
         self._calibrations: list[Calibration | None] = [None] * config.partitions
         self._added = np.zeros(config.partitions, np.int64)    # rows added since the last calibration
         self._last = threading.local()                           # this thread's last (best slots, their keys)
+        self._asked = AskedQueries(config.partitions, config.dim, int(config.options.get("query_sample", 0)))
+        self._hubs: list[Hub | None] = [None] * config.partitions
+        self._target: float | None = None                        # a target given to calibrate(), kept
+        self._background: threading.Thread | None = None         # a calibration a search triggered
 
     @property
     def exact(self) -> bool:
@@ -222,7 +244,19 @@ class AnnStore(TableStore):
     def search(self, queries: Any, k: int, **params: Any) -> SearchResult:
         self._last.threads = torch.get_num_threads()          # what the index library's search gets back
         with torch_threads(1):
-            return super().search(queries, k, **params)
+            result = super().search(queries, k, **params)
+        self._after_search()
+        return result
+
+    def save(self, path: Any) -> None:
+        self._settle()
+        super().save(path)
+
+    def close(self) -> None:
+        background = self._background
+        if background is not None:
+            background.join()
+        super().close()
 
     def _caller_threads(self) -> int:
         """The torch threads of this search's caller (:meth:`search` runs the small ops on one)."""
@@ -231,35 +265,69 @@ class AnnStore(TableStore):
     @property
     def target_recall(self) -> float | None:
         """The recall@32 calibration aims for; None when the knob is fixed by an option."""
-        if self.options["target_recall"] is not None:
-            return float(self.options["target_recall"])
-        return None if self.options[self.param] is not None else DEFAULT_TARGET
+        if self.options[self.param] is not None:
+            return None
+        if self._target is not None:
+            return self._target
+        return float(self.options["target_recall"] or DEFAULT_TARGET)
 
     def calibration(self) -> list[Calibration | None]:
-        """Per partition, the last calibration (knob value, recall measured on the sample, rows then)."""
+        """Per partition, the last calibration: the knob, the recall measured on the asked queries it rests
+        on (``queries`` of them; 0: on stored keys, before enough queries were asked), the rows held then,
+        and ``key_recall``, the recall of stored keys used as queries at that knob."""
         return list(self._calibrations)
 
-    def calibrate(self) -> list[Calibration | None]:
-        """Calibrate every indexed partition now to ``target_recall``; takes the write lock.
+    def stats(self) -> dict[str, Any]:
+        """What the store knows of the recall it delivers: target, and per partition the calibration
+        (see :meth:`calibration`) and the asked-query sample (size, queries seen)."""
+        return {"backend": self.backend, "target_recall": self.target_recall, "param": self.param,
+                "partitions": [{"calibration": None if cal is None else cal.to_dict(),
+                                "asked_sample": len(self._asked.rows[p]), "asked_seen": int(self._asked.seen[p])}
+                               for p, cal in enumerate(self._calibrations)]}
 
-        Raises InvalidInputError when the knob is fixed by an option (no target to calibrate for).
+    def calibrate(self, queries: Any = None, target_recall: float | None = None) -> list[Calibration | None]:
+        """Calibrate every indexed partition now; takes the write lock.
+
+        ``queries`` ``(P, n, dim)`` (or ``(n, dim)`` with one partition): a sample of the queries the
+        store will be asked, which replaces each partition's sample of asked queries (a seeded subsample
+        of ``query_sample`` when n is larger). ``target_recall``: the target from now on (kept, and
+        saved); None keeps the store's. Raises InvalidInputError, changing nothing, on a bad argument
+        or when the knob is fixed by an option (no target to calibrate for).
         """
         self._check_open()
-        target = self.target_recall
-        if target is None:
+        if self.options[self.param] is not None:
             raise InvalidInputError(f"{self.backend} has a fixed {self.param}={self.options[self.param]}; "
                                     "create it with target_recall to calibrate")
+        check_recall(self.backend, target_recall, "calibrate's target_recall")
+        if queries is not None:
+            queries, _ = inputs.vectors(queries, "queries", self.partitions, self.dim, "dim")
+            if not queries.shape[1] or not self._asked.size:
+                raise InvalidInputError(f"{self.backend}.calibrate needs at least one query per partition and a "
+                                        f"store with query_sample > 0; got {queries.shape[1]} queries, "
+                                        f"query_sample={self._asked.size}")
+            queries = queries.float()
         with self._lock.write():
-            self._recalibrate([p for p in range(self.partitions)
-                               if self._parts[p].indexed and self._book.counts[p] >= 2], target)
+            if queries is not None:
+                for p in range(self.partitions):
+                    self._asked.replace(p, queries[p])
+            if target_recall is not None:
+                self._target = float(target_recall)
+            self._recalibrate(self._calibrable(range(self.partitions)), self.target_recall,
+                              min_asked=1 if queries is not None else MIN_ASKED)
         return self.calibration()
 
-    def _recalibrate(self, partitions: list[int], target: float) -> None:
-        """Calibrate ``partitions``; warn about those whose index newly falls short of the target."""
+    def _calibrable(self, partitions: Any) -> list[int]:
+        return [p for p in partitions if self._parts[p].indexed and self._book.counts[p] >= 2]
+
+    def _recalibrate(self, partitions: list[int], target: float, min_asked: int = MIN_ASKED) -> None:
+        """Calibrate ``partitions`` (on their asked queries where there are ``min_asked``); warn about
+        those whose index newly falls short of the target. Caller holds the lock (read or write)."""
         short = []
         for p in partitions:
             last = self._calibrations[p]
-            self._calibrations[p] = cal = calibrate(self, p, target, *self._value_range(p))
+            asked = self._asked.take(p)
+            cal, hub = calibrate(self, p, target, *self._value_range(p), asked if len(asked) >= min_asked else None)
+            self._calibrations[p], self._hubs[p] = cal, hub
             self._added[p] = 0
             if cal.exact and (last is None or not last.exact):
                 short.append(f"{p} ({cal.recall:.3f} at {self.param} {cal.value})")
@@ -269,6 +337,45 @@ class AnnStore(TableStore):
                           f"{' ...' if len(short) > 8 else ''} is searched exactly until a recalibration reaches "
                           f"it. Lower target_recall, or fix {self.param}, to search the index.",
                           RuntimeWarning, stacklevel=4)
+
+    def _due(self, p: int, rebuilt: bool = False) -> bool:
+        """Whether partition p is due for calibration: never calibrated, rebuilt, grown or turned over by a
+        quarter, enough asked queries to replace a calibration on keys, or a sample half renewed."""
+        last = self._calibrations[p]
+        if rebuilt or last is None or self._added[p] >= RECALIBRATE_AFTER * last.rows:
+            return True
+        if len(self._asked.rows[p]) < MIN_ASKED:
+            return False
+        return last.queries == 0 or self._asked.fresh[p] >= max(1, last.queries // 2)
+
+    def _after_search(self) -> None:
+        """Calibrate in the background the partitions the asked queries made due (one thread at a time)."""
+        target = self.target_recall
+        if target is None or self._closed or (self._background is not None and self._background.is_alive()):
+            return
+        due = [p for p in self._calibrable(range(self.partitions)) if self._due(p)]
+        if not due:
+            return
+
+        def run() -> None:
+            with self._lock.read():
+                if self._closed:
+                    return
+                try:
+                    self._recalibrate([p for p in self._calibrable(due) if self._due(p)], target)
+                except KvmemError as exc:
+                    warnings.warn(f"{self.backend}: calibration on asked queries failed: {exc}", RuntimeWarning)
+
+        self._background = threading.Thread(target=run, name=f"kvmem-{self.backend}-calibrate")
+        self._background.start()
+
+    def _settle(self) -> None:
+        """Wait for background calibration, running those that came due meanwhile (before a save)."""
+        while (background := self._background) is not None:
+            background.join()
+            self._after_search()
+            if self._background is background:
+                return
 
     def _extra_columns(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return sqnorm_column()                                  # for exact search, as the exact backend's
@@ -339,8 +446,9 @@ class AnnStore(TableStore):
     def _index_clear(self, partitions: list[int]) -> None:
         for p in partitions:
             self._parts[p] = self._new_part(p)
-            self._calibrations[p] = None
+            self._calibrations[p] = self._hubs[p] = None
             self._added[p] = 0
+        self._asked.clear(partitions)
 
     def _after_add(self) -> None:
         target = self.target_recall
@@ -350,8 +458,7 @@ class AnnStore(TableStore):
             rebuilt = self._maintain(p)
             if target is None or not self._parts[p].indexed or counts[p] < 2:
                 continue
-            last = self._calibrations[p]
-            if rebuilt or last is None or self._added[p] >= RECALIBRATE_AFTER * last.rows:
+            if self._due(p, rebuilt):
                 due.append(p)
         if due:
             self._recalibrate(due, target)
@@ -367,6 +474,7 @@ class AnnStore(TableStore):
         held = [p for p in range(P) if counts[p] and q]
         ranked = {p: self._value(p, params) for p in held if self._ranks(p, params)}
         exact = [p for p in held if p not in ranked]
+        self._asked.record(queries)
         found = _Found(self, queries, k)
         if not self._table.data["keys"].shape[1]:                 # no row reserved yet: nothing to find
             found.empty()
@@ -391,7 +499,8 @@ class AnnStore(TableStore):
             a, b = max(lo, p * q) - p * q, min(hi, (p + 1) * q) - p * q              # this partition's queries
             labels = self._parts[p].search(q32[p, a:b], k, ranked[p]) if p in ranked else None
             if labels is not None:
-                pieces.append(torch.from_numpy(self._book.slots_in(p, labels)))
+                slots, hub = torch.from_numpy(self._book.slots_in(p, labels)), self._hubs[p]
+                pieces.append(slots if hub is None else merge(slots, hub.candidates(self, p, queries[p, a:b])))
             elif p in ranked:                                     # the library could not answer: exact
                 pieces.append(self.exact_slots(queries[p:p + 1, a:b], [p], k)[0])
             else:                                                 # searched exactly before, or empty
@@ -431,17 +540,18 @@ class AnnStore(TableStore):
             cal = self._calibrations[p]
             state["calibration"] = None if cal is None else cal.to_dict()
             state["added"] = int(self._added[p])
+            state["target"] = self._target
             states.append(state)
             if name is not None:
                 files[f"index.p{p}"] = name
         meta = f"ann.{tag}.json"
         (directory / meta).write_text(json.dumps({"backend": self.backend, "partitions": states}))
-        return {"ann": meta, **files}
+        return {"ann": meta, "asked": save_asked(self, directory, tag), **files}
 
     def _index_load(self, directory: Path, files: Mapping[str, Any]) -> None:
         if "ann" not in files:
             raise CorruptStoreError(f"the manifest lists no ann state file for this {self.backend} store")
-        known = {"rows", "ann"} | {f"index.p{p}" for p in range(self.partitions)}
+        known = {"rows", "ann", "asked"} | {f"index.p{p}" for p in range(self.partitions)}
         if set(files) - known:
             raise CorruptStoreError(f"the manifest lists unexpected files: {sorted(set(files) - known)}")
         states = read_meta(directory / files["ann"]["name"], self.backend, self.partitions)
@@ -450,3 +560,8 @@ class AnnStore(TableStore):
             self._parts[p] = self._part_load(p, state, None if entry is None else directory / entry["name"])
             self._calibrations[p] = Calibration.from_dict(state.get("calibration"), self._value_range(p))
             self._added[p] = meta_int(state, "added")
+            target = state.get("target")
+            if target is not None and not (isinstance(target, float) and 0 < target <= 1):
+                raise CorruptStoreError(f"index state: target must be a number in (0, 1] or null; got {target!r}")
+            self._target = target
+        load_asked(self, directory / files["asked"]["name"] if "asked" in files else None)
