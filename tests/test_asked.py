@@ -175,3 +175,16 @@ def test_corrupt_samples_are_refused_in_a_child(data, tmp_path):
     assert results[0]["ok"] and results[0]["count"] == small.size
     for case, result in zip(cases, results[1:]):
         assert result["ok"] is False and result["error"] == "CorruptStoreError", (case.name, result)
+
+
+def test_a_frozen_store_takes_no_queries_and_freeze_checks_its_argument(data):
+    store = build(data, "ivf")
+    store.freeze()
+    ask(store, data.asked[:200])
+    assert len(store._asked.sample(0)) == 0 and store.calibration()[0].queries == 0
+    with pytest.raises(kvmem.InvalidInputError, match="bool"):
+        store.freeze(1)
+    assert store._asked.frozen is True
+    store.freeze(False)
+    ask(store, data.asked[:200])
+    assert store.calibration()[0].queries == 200

@@ -112,6 +112,7 @@ def test_fixed_ef_skips_calibration_and_calibrate_recalibrates_now(data):
 
 # ---------------------------------------------------------------------------------------------- per call
 def test_threads_with_different_ef_get_their_serial_results(store, data):
+    store.freeze()                                  # no recalibration on these queries between the runs
     queries = torch.from_numpy(data.queries[:64])
     serial = {ef: store.search(queries, 16, ef=ef).ids for ef in (16, 40, 300)}
     assert not torch.equal(serial[16], serial[300])
@@ -129,6 +130,7 @@ def test_threads_with_different_ef_get_their_serial_results(store, data):
         t.start()
     for t in threads:
         t.join()
+    store.freeze(False)
     assert not errors, errors[0]
 
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import sys
 import threading
 import warnings
 from collections.abc import Mapping
@@ -285,6 +286,14 @@ class AnnStore(TableStore):
                                 "asked_sample": len(self._asked.rows[p]), "asked_seen": int(self._asked.seen[p])}
                                for p, cal in enumerate(self._calibrations)]}
 
+    def freeze(self, frozen: bool = True) -> None:
+        """Stop (or, with False, resume) taking asked queries into the sample, and so recalibrating on them:
+        to measure the store on held-out queries, or to keep its results at a given knob from changing
+        as it learns. Raises InvalidInputError unless ``frozen`` is a bool."""
+        if not isinstance(frozen, bool):
+            raise InvalidInputError(f"{self.backend}.freeze takes a bool; got {frozen!r}")
+        self._asked.frozen = frozen
+
     def calibrate(self, queries: Any = None, target_recall: float | None = None) -> list[Calibration | None]:
         """Calibrate every indexed partition now; takes the write lock.
 
@@ -363,8 +372,9 @@ class AnnStore(TableStore):
                     return
                 try:
                     self._recalibrate([p for p in self._calibrable(due) if self._due(p)], target)
-                except KvmemError as exc:
-                    warnings.warn(f"{self.backend}: calibration on asked queries failed: {exc}", RuntimeWarning)
+                except (KvmemError, RuntimeError) as exc:                  # RuntimeError: the interpreter exits
+                    if not sys.is_finalizing():
+                        warnings.warn(f"{self.backend}: calibration on asked queries failed: {exc}", RuntimeWarning)
 
         self._background = threading.Thread(target=run, name=f"kvmem-{self.backend}-calibrate")
         self._background.start()

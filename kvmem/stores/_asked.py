@@ -54,12 +54,13 @@ class AskedQueries:
         self.rows = [torch.empty(0, dim) for _ in range(partitions)]      # (n_p <= size, dim) float32
         self.seen = np.zeros(partitions, np.int64)                        # queries offered so far
         self.fresh = np.zeros(partitions, np.int64)                       # taken since the last calibration
+        self.frozen = False                                               # record nothing (AnnStore.freeze)
         self._rng = np.random.default_rng([seed, partitions, dim])
         self._lock = threading.Lock()
 
     def record(self, queries: torch.Tensor) -> None:
         """Offer a search's queries ``(P, q, dim)`` float32 to each partition's sample."""
-        if not self.size or not queries.shape[1]:
+        if not self.size or not queries.shape[1] or self.frozen:
             return
         with self._lock:
             for p in range(queries.shape[0]):
