@@ -109,8 +109,10 @@ def memory_attention(
 
     # Memory: each partition is searched by the queries of its group.
     mem_logits, mem_values = None, None
+    search_q = memory_query.detach().reshape(P, G * T, d)  # (P, G*T, d); the store ranks in fp32
+    if k > 0 and len(store) == 0:
+        store.observe(search_q)  # the first chunk's queries: what an approximate store calibrates on
     if k > 0 and len(store) > 0:
-        search_q = memory_query.detach().reshape(P, G * T, d)  # (P, G*T, d); the store ranks in fp32
         res = store.search(search_q, k, **dict(search_params or {}))
         kk = res.ids.shape[-1]
         ids = res.ids.to(query.device).view(B, H, T, kk)  # (B, H, T, k)

@@ -188,3 +188,19 @@ def test_a_frozen_store_takes_no_queries_and_freeze_checks_its_argument(data):
     store.freeze(False)
     ask(store, data.asked[:200])
     assert store.calibration()[0].queries == 200
+
+
+def test_the_adapter_hands_its_first_chunk_queries_to_the_store():
+    from kvmem.adapters import MemoryAttention
+
+    store = kvmem.create("hnsw", dim=16, value_dim=16, partitions=2, dtype=torch.float32)
+    attn = MemoryAttention(store, num_heads=4, k=8, positions="none")
+    q, kv = torch.randn(1, 4, 32, 16), torch.randn(2, 1, 2, 32, 16)
+    attn(q, kv[0], kv[1])                                          # memory empty: observed, not searched
+    assert torch.equal(store._asked.sample(0), q[0, :2].reshape(64, 16))       # group 0: heads 0 and 1
+    assert torch.equal(store._asked.sample(1), q[0, 2:].reshape(64, 16))
+    attn(q, kv[0], kv[1])                                          # memory holds the first chunk: searched
+    assert store._asked.seen.tolist() == [128, 128]
+    with pytest.raises(kvmem.InvalidInputError):
+        store.observe(torch.randn(3, 5, 16))
+    assert store._asked.seen.tolist() == [128, 128]

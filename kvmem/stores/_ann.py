@@ -286,6 +286,12 @@ class AnnStore(TableStore):
                                 "asked_sample": len(self._asked.rows[p]), "asked_seen": int(self._asked.seen[p])}
                                for p, cal in enumerate(self._calibrations)]}
 
+    def observe(self, queries: Any) -> None:
+        """Add queries ``(P, q, dim)`` to the sample of asked queries, without searching."""
+        self._check_open()
+        queries, _ = inputs.vectors(queries, "queries", self.partitions, self.dim, "dim")
+        self._asked.record(queries.float())
+
     def freeze(self, frozen: bool = True) -> None:
         """Stop (or, with False, resume) taking asked queries into the sample, and so recalibrating on them:
         to measure the store on held-out queries, or to keep its results at a given knob from changing
