@@ -70,6 +70,13 @@ def _bench(args: argparse.Namespace) -> int:
 
     from kvmem.benchmarks import runner
 
+    if (args.dataset or "").lower() in ("attention", "ood"):       # queries unlike the keys: asked, then held out
+        from kvmem.benchmarks import asked
+
+        asked_config = asked.AskedConfig(args.dataset.lower(), args.size or (50_000 if args.quick else 200_000),
+                                         args.dim or 64, repeats=args.repeats or 3, out=Path(args.out or "kvmem-bench"))
+        asked.run(asked_config)
+        return 0
     base = runner.QUICK if args.quick else runner.DEFAULT
     changes: dict[str, Any] = {name: value for name, value in (
         ("size", args.size), ("dim", args.dim), ("k", args.k), ("queries", args.queries),
@@ -103,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--dim", type=int)
     bench.add_argument("--k", type=int)
     bench.add_argument("--queries", type=int)
-    bench.add_argument("--dataset", help="gaussian, clustered, or a path to .hdf5/.fvecs/.fbin")
+    bench.add_argument("--dataset", help="gaussian, clustered, ood, attention, or a path to .hdf5/.fvecs/.fbin")
     bench.add_argument("--metric", choices=["ip", "l2", "cos"])
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="kvmem storage dtype")
     bench.add_argument("--backends", help="comma-separated, e.g. exact,faiss-flat")

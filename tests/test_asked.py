@@ -204,3 +204,35 @@ def test_the_adapter_hands_its_first_chunk_queries_to_the_store():
     with pytest.raises(kvmem.InvalidInputError):
         store.observe(torch.randn(3, 5, 16))
     assert store._asked.seen.tolist() == [128, 128]
+
+
+# ---------------------------------------------------------------------------------------------- monitor
+def test_the_monitor_estimate_holds_the_true_recall_in_its_interval(data, truth):
+    store = build(data, "ivf", nprobe=1, monitor=1.0)                # a fixed low knob: recall well below 1
+    delivered = recall(store, data, truth)
+    store._monitor.wait()
+    est = store.stats()["monitor"]
+    assert est["checked"] == len(data.queries) and est["low"] <= delivered <= est["high"], (delivered, est)
+    assert est["high"] - est["low"] < 0.05 and delivered < 0.9
+    off = build(data, "ivf", nprobe=1)
+    recall(off, data, truth)
+    assert off.stats()["monitor"]["checked"] == 0
+
+
+def test_a_monitor_below_target_recalibrates(data):
+    import dataclasses
+
+    store = build(data, "ivf", query_sample=0, monitor=1.0)
+    good = store.calibration()[0]
+    store._calibrations[0] = dataclasses.replace(good, value=1)      # a stale knob: delivers far below 0.95
+    for lo in range(0, 300, 100):
+        store.search(torch.from_numpy(data.queries[lo:lo + 100]), 32)
+        store._monitor.wait()
+    store._settle()
+    assert store.calibration()[0].value > 1 and store.stats()["monitor"]["checked"] < 300
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "often", True, None])
+def test_bad_monitor_rates_are_rejected(bad):
+    with pytest.raises(kvmem.InvalidInputError, match="monitor"):
+        kvmem.create("ivf", dim=8, monitor=bad)

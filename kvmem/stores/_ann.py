@@ -72,6 +72,7 @@ from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError
 from kvmem.store import SearchResult
 from kvmem.stores._asked import MIN_ASKED, AskedQueries, Hub, load_asked, merge, save_asked
 from kvmem.stores._calibrate import Calibration, K, calibrate
+from kvmem.stores._monitor import Monitor
 from kvmem.stores._threads import parallel, spread, torch_threads, workers
 from kvmem.stores.exact import TableKeys, sqnorm_column, sqnorm_rows
 from kvmem.tablestore import TableStore
@@ -82,7 +83,7 @@ __all__ = ["AnnStore", "PartIndex", "ANN_DEFAULTS", "check_ann_options", "check_
 DEFAULT_TARGET = 0.95       # recall@32 aimed at when the user fixes neither the knob nor target_recall
 RECALIBRATE_AFTER = 0.25    # rows added since the last calibration, as a fraction of the rows held then
 _META_LIMIT = 16 << 20      # bytes; the state file is a few KB per thousand partitions
-ANN_DEFAULTS = {"query_sample": 1024}   # options both backends take (see AnnStore)
+ANN_DEFAULTS = {"query_sample": 1024, "monitor": 0.0}   # options both backends take (see AnnStore)
 
 # ---------------------------------------------------------------------------------------------- validation
 def check_int(backend: str, name: str, value: Any, *, low: int = 1, allow_none: bool = True) -> None:
@@ -102,6 +103,9 @@ def check_recall(backend: str, value: Any, what: str = "option target_recall") -
 
 def check_ann_options(backend: str, options: Mapping[str, Any]) -> None:
     check_int(backend, "query_sample", options.get("query_sample", 0), low=0, allow_none=False)
+    rate = options.get("monitor", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= float(rate) <= 1:
+        raise InvalidInputError(f"{backend} option monitor must be a fraction in [0, 1]; got {rate!r}")
 
 
 def read_meta(path: Path, backend: str, partitions: int) -> list[dict[str, Any]]:
@@ -237,6 +241,7 @@ class AnnStore(TableStore):
         self._hubs: list[Hub | None] = [None] * config.partitions
         self._target: float | None = None                        # a target given to calibrate(), kept
         self._background: threading.Thread | None = None         # a calibration a search triggered
+        self._monitor = Monitor(float(config.options.get("monitor", 0.0)))
 
     @property
     def exact(self) -> bool:
@@ -257,6 +262,7 @@ class AnnStore(TableStore):
         background = self._background
         if background is not None:
             background.join()
+        self._monitor.wait()
         super().close()
 
     def _caller_threads(self) -> int:
@@ -279,12 +285,14 @@ class AnnStore(TableStore):
         return list(self._calibrations)
 
     def stats(self) -> dict[str, Any]:
-        """What the store knows of the recall it delivers: target, and per partition the calibration
-        (see :meth:`calibration`) and the asked-query sample (size, queries seen)."""
+        """What the store knows of the recall it delivers: target, per partition the calibration (see
+        :meth:`calibration`) and the asked-query sample (size, queries seen), and the monitor's running
+        estimate (:mod:`kvmem.stores._monitor`; ``checked`` 0 when off)."""
         return {"backend": self.backend, "target_recall": self.target_recall, "param": self.param,
                 "partitions": [{"calibration": None if cal is None else cal.to_dict(),
                                 "asked_sample": len(self._asked.rows[p]), "asked_seen": int(self._asked.seen[p])}
-                               for p, cal in enumerate(self._calibrations)]}
+                               for p, cal in enumerate(self._calibrations)],
+                "monitor": self._monitor.estimate()}
 
     def observe(self, queries: Any) -> None:
         """Add queries ``(P, q, dim)`` to the sample of asked queries, without searching."""
@@ -368,7 +376,10 @@ class AnnStore(TableStore):
         target = self.target_recall
         if target is None or self._closed or (self._background is not None and self._background.is_alive()):
             return
-        due = [p for p in self._calibrable(range(self.partitions)) if self._due(p)]
+        force = self._monitor.below(target)                      # delivered recall is short of the target
+        if force:
+            self._monitor.reset()
+        due = [p for p in self._calibrable(range(self.partitions)) if force or self._due(p)]
         if not due:
             return
 
@@ -377,7 +388,7 @@ class AnnStore(TableStore):
                 if self._closed:
                     return
                 try:
-                    self._recalibrate([p for p in self._calibrable(due) if self._due(p)], target)
+                    self._recalibrate([p for p in self._calibrable(due) if force or self._due(p)], target)
                 except (KvmemError, RuntimeError) as exc:                  # RuntimeError: the interpreter exits
                     if not sys.is_finalizing():
                         warnings.warn(f"{self.backend}: calibration on asked queries failed: {exc}", RuntimeWarning)
@@ -503,6 +514,7 @@ class AnnStore(TableStore):
                    P * q, workers(self._caller_threads()))
         best = found.best.view(P, q, k)
         self._last.result = (best, found)
+        self._monitor.offer(self, queries, found.scores.view(P, q, k))
         return found.scores.view(P, q, k), best
 
     def _candidates(self, q32: np.ndarray, queries: torch.Tensor, found: _Found, ranked: Mapping[int, int],

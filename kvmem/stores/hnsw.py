@@ -32,6 +32,9 @@ Options:
         queries the store is asked (see :mod:`kvmem.stores._ann`).
     query_sample: asked queries kept per partition for calibration and the hub (default 1024; 0: none,
         calibration on stored keys only).
+    monitor: fraction of live query rows checked against exact search in the background, for a
+        running recall estimate in ``stats()``; the store recalibrates when it falls below the target
+        (default 0: off; cost in :mod:`kvmem.stores._monitor`).
 
 Search parameter: ``ef`` (per call). Thread-safe with other search calls; add,
 remove and clear take the write lock.
