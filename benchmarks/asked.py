@@ -131,7 +131,8 @@ def _raw_rows(backend: str, data: Dataset, truth, queries: torch.Tensor, config:
             lists = index.quantizer.search(q, value)[1]
             rows.append({"backend": "faiss-ivf", "params": {"nprobe": value}, "qps": len(q) / secs,
                          "recall": recall_at_k(ids, truth, data.base, data.queries, config.k),
-                         "qps_vs_exact": len(q) / secs / exact_qps, "scored": float(sizes[lists].sum(1).mean()) / data.size})
+                         "qps_vs_exact": len(q) / secs / exact_qps,
+                         "scored": float(sizes[lists].sum(1).mean()) / data.size})
     else:
         index, _ = build_hnswlib(data, 16, 500 if data.metric == "ip" else 200)
         for value in SWEEP["ef"]:
@@ -153,7 +154,8 @@ def run(config: AskedConfig, *, verbose: bool = True) -> list[dict[str, Any]]:
     add_rows(exact, data.base)
     secs, _ = _timed(lambda: exact.search(queries, config.k), config.repeats)
     exact_qps = len(queries) / secs
-    rows: list[dict[str, Any]] = [{"backend": "exact", "params": {}, "qps": exact_qps, "recall": 1.0, "qps_vs_exact": 1.0}]
+    rows: list[dict[str, Any]] = [{"backend": "exact", "params": {}, "qps": exact_qps, "recall": 1.0,
+                                   "qps_vs_exact": 1.0}]
     exact.close()
     for backend in config.backends:
         for options in ({}, {"query_sample": 0}):
