@@ -32,6 +32,12 @@
   (capped where the index stops beating exact search) is searched exactly,
   with a ``RuntimeWarning``, until a recalibration reaches it; a knob given
   per call or fixed by option always searches the index.
+- Options both backends take: ``query_sample`` (asked queries kept per
+  partition, default 1024; 0: none, calibration on stored keys only) and
+  ``monitor`` (fraction of live query rows checked against exact search in the
+  background, for a running recall estimate in ``stats()``; the store
+  recalibrates when it falls below the target; default 0: off; cost in
+  :mod:`kvmem.stores._monitor`).
 - Around a search, this thread's torch ops run on one thread
   (:func:`torch_threads`), except the exact search of partitions without a
   usable index, which runs as the exact backend's, on the caller's torch

@@ -30,11 +30,7 @@ Options:
         exact search; a target out of that reach searches the partition exactly.
     target_recall: recall@32 ef is calibrated for (default 0.95 when ef is None), on the
         queries the store is asked (see :mod:`kvmem.stores._ann`).
-    query_sample: asked queries kept per partition for calibration and the hub (default 1024; 0: none,
-        calibration on stored keys only).
-    monitor: fraction of live query rows checked against exact search in the background, for a
-        running recall estimate in ``stats()``; the store recalibrates when it falls below the target
-        (default 0: off; cost in :mod:`kvmem.stores._monitor`).
+    query_sample, monitor: the asked-query sample and the recall monitor (:mod:`kvmem.stores._ann`).
 
 Search parameter: ``ef`` (per call). Thread-safe with other search calls; add,
 remove and clear take the write lock.

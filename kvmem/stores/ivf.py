@@ -39,11 +39,7 @@ Options:
         that reach searches the partition exactly.
     target_recall: recall@32 nprobe is calibrated for (default 0.95 when nprobe is None), on the
         queries the store is asked (see :mod:`kvmem.stores._ann`).
-    query_sample: asked queries kept per partition for calibration and the hub (default 1024; 0: none,
-        calibration on stored keys only).
-    monitor: fraction of live query rows checked against exact search in the background, for a
-        running recall estimate in ``stats()``; the store recalibrates when it falls below the target
-        (default 0: off; cost in :mod:`kvmem.stores._monitor`).
+    query_sample, monitor: the asked-query sample and the recall monitor (:mod:`kvmem.stores._ann`).
     train_size: rows a partition holds before it trains; None: 32768, or 39 per list
         when nlist is fixed, and at least what the codes need (PQ: 39 x 2^bits).
     retrain_factor: see Growth above; a number > 1, or None.
