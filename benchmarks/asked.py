@@ -179,7 +179,7 @@ def render(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -
     lines = ["| backend | params | recall (held out) | reported | keys as queries | keys scored | QPS x exact |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        params = r["params"] or ("defaults, " + ", ".join(f"{k} {r[k]}" for k in ("nprobe", "ef") if k in r))
+        params = r["params"] or ", ".join(["defaults"] + [f"{k} {r[k]}" for k in ("nprobe", "ef") if k in r])
         fmt = lambda x: "–" if x is None else f"{x:.3f}"                                          # noqa: E731
         scored = "–" if "scored" not in r else f"{100 * r['scored']:.2f} %"
         lines.append(f"| {r['backend']} | {params} | {r['recall']:.3f} | {fmt(r.get('reported'))} | "
