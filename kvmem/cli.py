@@ -28,10 +28,16 @@ def describe(path: str | Path) -> dict[str, Any]:
             if spec.marker and (path / spec.marker).exists():
                 return registry[name]._describe_directory(path)
     manifest, config = persist.read_manifest(path)
-    return {"path": str(path), "backend": manifest["backend"], **config.to_dict(),
+    info = {"path": str(path), "backend": manifest["backend"], **config.to_dict(),
             "rows": sum(manifest["counts"]), "counts": manifest["counts"], "next_ids": manifest["next_ids"],
             "format_version": manifest["format_version"], "kvmem_version": manifest.get("kvmem_version"),
             "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
+    if "ann" in manifest["files"]:                      # ivf / hnsw: each partition's last calibration
+        from kvmem.stores._ann import read_meta
+
+        states = read_meta(path / manifest["files"]["ann"]["name"], manifest["backend"], config.partitions)
+        info["calibration"] = [state.get("calibration") for state in states]
+    return info
 
 
 def _human(n: float) -> str:
@@ -55,6 +61,11 @@ def _info(args: argparse.Namespace) -> int:
             ("capacity", info["capacity"]), ("rows", f"{info['rows']} (per partition: {shown})"),
             ("options", json.dumps(info["options"])),
             ("bytes on disk", f"{_human(info['bytes_on_disk'])} ({info['bytes_on_disk']:,})")]
+    for p, cal in enumerate(info.get("calibration", [])[:8]):
+        if cal is not None:
+            rests = f"{cal.get('queries', 0)} asked queries" if cal.get("queries") else "stored keys as queries"
+            rows.append((f"calibration p{p}", f"knob {cal['value']}, recall {cal['recall']:.3f} on {rests}, "
+                                              f"keys as queries {cal.get('key_recall', cal['recall']):.3f}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

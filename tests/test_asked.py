@@ -236,3 +236,12 @@ def test_a_monitor_below_target_recalibrates(data):
 def test_bad_monitor_rates_are_rejected(bad):
     with pytest.raises(kvmem.InvalidInputError, match="monitor"):
         kvmem.create("ivf", dim=8, monitor=bad)
+
+
+def test_kvmem_info_shows_the_saved_calibration(data, tmp_path):
+    from kvmem.cli import describe
+
+    store = build(data, "ivf")
+    store.calibrate(data.asked[:100])
+    store.save(tmp_path / "s")
+    assert describe(tmp_path / "s")["calibration"] == [store.calibration()[0].to_dict()]
