@@ -97,7 +97,8 @@ def check_int(backend: str, name: str, value: Any, *, low: int = 1, allow_none: 
 
 
 def check_ann_options(backend: str, options: Mapping[str, Any]) -> None:
-    check_int(backend, "query_sample", options.get("query_sample", 0), low=0, allow_none=False)
+    sample = options.get("query_sample", ANN_DEFAULTS["query_sample"])
+    check_int(backend, "query_sample", sample, low=0, allow_none=False)
     rate = options.get("monitor", 0.0)
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= float(rate) <= 1:
         raise InvalidInputError(f"{backend} option monitor must be a fraction in [0, 1]; got {rate!r}")
@@ -232,11 +233,12 @@ class AnnStore(Tuning, TableStore):
         self._calibrations: list[Calibration | None] = [None] * config.partitions
         self._added = np.zeros(config.partitions, np.int64)    # rows added since the last calibration
         self._last = threading.local()                           # this thread's last (best slots, their keys)
-        self._asked = AskedQueries(config.partitions, config.dim, int(config.options.get("query_sample", 0)))
+        sample = int(config.options.get("query_sample", ANN_DEFAULTS["query_sample"]))    # a save from before: default
+        self._asked = AskedQueries(config.partitions, config.dim, sample)
         self._hubs: list[Hub | None] = [None] * config.partitions
         self._target: float | None = None                        # a target given to calibrate(), kept
         self._background: threading.Thread | None = None         # a calibration a search triggered
-        self._monitor = Monitor(float(config.options.get("monitor", 0.0)))
+        self._monitor = Monitor(float(config.options.get("monitor", ANN_DEFAULTS["monitor"])))
 
     @property
     def exact(self) -> bool:
