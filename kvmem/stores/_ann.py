@@ -20,7 +20,8 @@
   :data:`~kvmem.stores._asked.MIN_ASKED` queries have been asked; after each
   (re)build of the index, as the sample of asked queries turns over (each time
   it has taken half as many new queries as the last calibration rested on;
-  in a background thread under the read lock, so searches go on), and
+  at the end of the search that made it due, under the read lock, so other
+  searches go on and results depend only on the calls made), and
   whenever the rows added since the last calibration reach a quarter of the
   rows held then (every 1.25x of a growing memory, every quarter turnover of
   a FIFO one): recall at a fixed knob falls as a memory grows (an ef
@@ -55,7 +56,7 @@
 
 Thread-safe with other search calls; add, remove and clear take the write lock
 (and so does the maintenance an add triggers: training, calibration); a
-calibration a search triggers runs in one background thread under the read lock.
+calibration a search triggers runs in that search's call under the read lock.
 """
 
 from __future__ import annotations
@@ -237,7 +238,6 @@ class AnnStore(Tuning, TableStore):
         self._asked = AskedQueries(config.partitions, config.dim, sample)
         self._hubs: list[Hub | None] = [None] * config.partitions
         self._target: float | None = None                        # a target given to calibrate(), kept
-        self._background: threading.Thread | None = None         # a calibration a search triggered
         self._monitor = Monitor(float(config.options.get("monitor", ANN_DEFAULTS["monitor"])))
 
     @property
@@ -256,9 +256,6 @@ class AnnStore(Tuning, TableStore):
         super().save(path)
 
     def close(self) -> None:
-        background = self._background
-        if background is not None:
-            background.join()
         self._monitor.wait()
         super().close()
 

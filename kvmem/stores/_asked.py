@@ -55,7 +55,8 @@ class AskedQueries:
         self.seen = np.zeros(partitions, np.int64)                        # queries offered so far
         self.fresh = np.zeros(partitions, np.int64)                       # taken since the last calibration
         self.frozen = False                                               # record nothing (AnnStore.freeze)
-        self._rng = np.random.default_rng([seed, partitions, dim])
+        self._seed = seed
+        self._rng = np.random.default_rng([seed, partitions, dim])     # for replace's subsample
         self._lock = threading.Lock()
 
     def record(self, queries: torch.Tensor) -> None:
@@ -74,7 +75,8 @@ class AskedQueries:
         rest = n - fill
         if rest:                                                         # algorithm R for the others
             at = seen + fill + np.arange(rest)                           # each query's 0-based arrival
-            pick = (self._rng.random(rest) * (at + 1)).astype(np.int64)
+            rng = np.random.default_rng([self._seed, p, seen])          # a function of the queries seen,
+            pick = (rng.random(rest) * (at + 1)).astype(np.int64)      # so a reloaded store draws the same
             taken = np.flatnonzero(pick < self.size)
             if len(taken):
                 rows[torch.from_numpy(pick[taken])] = q[fill + torch.from_numpy(taken)].float()

@@ -1,5 +1,5 @@
 """What :class:`~kvmem.stores._ann.AnnStore` does to know and keep its recall: calibration on asked
-queries, ``calibrate()``, ``stats()``, the background recalibration and the monitor's trigger.
+queries, ``calibrate()``, ``stats()``, the recalibration a search triggers, the monitor's trigger.
 
 A mixin of :class:`~kvmem.stores._ann.AnnStore` (whose docstring tells the policy), kept apart so
 that the search path and the tuning read separately. Every method here assumes the store's
@@ -9,13 +9,11 @@ attributes (``_parts``, ``_book``, ``_lock``, ``_asked``, ``_hubs``, ``_monitor`
 from __future__ import annotations
 
 import numbers
-import sys
-import threading
 import warnings
 from typing import Any
 
 from kvmem import inputs
-from kvmem.errors import InvalidInputError, KvmemError
+from kvmem.errors import InvalidInputError
 from kvmem.stores._asked import MIN_ASKED
 from kvmem.stores._calibrate import Calibration, K, calibrate
 
@@ -139,36 +137,20 @@ class Tuning:
         return last.queries == 0 or self._asked.fresh[p] >= max(1, last.queries // 2)
 
     def _after_search(self) -> None:
-        """Calibrate in the background the partitions the asked queries made due (one thread at a time)."""
+        """Calibrate the partitions the asked queries (or the monitor) made due, at the end of the search
+        that made them due, under the read lock: results stay a function of the calls made, whatever
+        the timing (a model's output must not depend on a thread's)."""
         target = self.target_recall
-        if target is None or self._closed or (self._background is not None and self._background.is_alive()):
+        if target is None or self._closed:
             return
         force = self._monitor.below(target)                      # delivered recall is short of the target
         if force:
             self._monitor.reset()
         due = [p for p in self._calibrable(range(self.partitions)) if force or self._due(p)]
-        if not due:
-            return
-
-        def run() -> None:
+        if due:
             with self._lock.read():
-                if self._closed:
-                    return
-                try:
-                    self._recalibrate([p for p in self._calibrable(due) if force or self._due(p)], target)
-                except (KvmemError, RuntimeError) as exc:                  # RuntimeError: the interpreter exits
-                    if not sys.is_finalizing():
-                        warnings.warn(f"{self.backend}: calibration on asked queries failed: {exc}", RuntimeWarning,
-                                      stacklevel=1)
-
-        self._background = threading.Thread(target=run, name=f"kvmem-{self.backend}-calibrate")
-        self._background.start()
+                self._recalibrate([p for p in self._calibrable(due) if force or self._due(p)], target)
 
     def _settle(self) -> None:
-        """Wait for background calibration, running those that came due meanwhile (before a save)."""
-        while (background := self._background) is not None:
-            background.join()
-            self._after_search()
-            if self._background is background:
-                return
-
+        """Calibrate what came due (the monitor's checks can make partitions due after their search)."""
+        self._after_search()
