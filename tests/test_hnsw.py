@@ -52,6 +52,7 @@ def build(base: np.ndarray, metric: str = "ip", **options) -> kvmem.MemoryStore:
     for start in range(0, len(base), 8192):
         chunk = torch.from_numpy(np.ascontiguousarray(base[start:start + 8192], np.float32))
         store.add(chunk, torch.zeros(len(chunk), 1))
+    store.freeze()          # these tests search the same queries again: asked-query learning is test_asked's
     return store
 
 
