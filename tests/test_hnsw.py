@@ -131,7 +131,6 @@ def test_threads_with_different_ef_get_their_serial_results(store, data):
         t.start()
     for t in threads:
         t.join()
-    store.freeze(False)
     assert not errors, errors[0]
 
 
