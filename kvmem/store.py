@@ -161,6 +161,13 @@ class MemoryStore(ABC):
             result = SearchResult(*(t.to(where) for t in found))
         return SearchResult(*(t[0] for t in result)) if squeezed else result
 
+    def observe(self, queries: Any) -> None:
+        """Tell the store of queries ``(P, q, dim)`` it will be asked, without searching (a model's first
+        chunk, before memory holds anything). Approximate stores add them to the sample their recall is
+        calibrated on; the default does nothing. Raises InvalidInputError on bad queries."""
+        self._check_open()
+        inputs.vectors(queries, "queries", self.partitions, self.dim, "dim")
+
     def get(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys ``(P, m, dim)`` and values ``(P, m, value_dim)`` of live ids ``(P, m)``; ``-1`` gives zeros."""
         self._check_open()

@@ -54,6 +54,7 @@ def build(base: np.ndarray, metric: str = "ip", **options) -> kvmem.MemoryStore:
     for start in range(0, len(base), 8192):
         chunk = torch.from_numpy(np.ascontiguousarray(base[start:start + 8192], np.float32))
         store.add(chunk, torch.zeros(len(chunk), 1))
+    store.freeze()          # these tests search the same queries again: asked-query learning is test_asked's
     return store
 
 
@@ -114,6 +115,7 @@ def test_fixed_ef_skips_calibration_and_calibrate_recalibrates_now(data):
 
 # ---------------------------------------------------------------------------------------------- per call
 def test_threads_with_different_ef_get_their_serial_results(store, data):
+    store.freeze()                                  # no recalibration on these queries between the runs
     queries = torch.from_numpy(data.queries[:64])
     serial = {ef: store.search(queries, 16, ef=ef).ids for ef in (16, 40, 300)}
     assert not torch.equal(serial[16], serial[300])

@@ -14,8 +14,14 @@
   gathered for that are the ones ``search`` returns (the result is kept per
   thread between ``_search`` and ``_rows``), so the key column is read once.
 - ``target_recall``: the per-call knob (``nprobe``, ``ef``) is calibrated per
-  partition on a sample of its stored keys against exact search
-  (:mod:`kvmem.stores._calibrate`) after each (re)build of the index and
+  partition against exact search (:mod:`kvmem.stores._calibrate`) on the
+  queries it is asked (a reservoir sample of ``query_sample`` per partition,
+  :mod:`kvmem.stores._asked`), or on its stored keys until
+  :data:`~kvmem.stores._asked.MIN_ASKED` queries have been asked; after each
+  (re)build of the index, as the sample of asked queries turns over (each time
+  it has taken half as many new queries as the last calibration rested on;
+  at the end of the search that made it due, under the read lock, so other
+  searches go on and results depend only on the calls made), and
   whenever the rows added since the last calibration reach a quarter of the
   rows held then (every 1.25x of a growing memory, every quarter turnover of
   a FIFO one): recall at a fixed knob falls as a memory grows (an ef
@@ -27,6 +33,12 @@
   (capped where the index stops beating exact search) is searched exactly,
   with a ``RuntimeWarning``, until a recalibration reaches it; a knob given
   per call or fixed by option always searches the index.
+- Options both backends take: ``query_sample`` (asked queries kept per
+  partition, default 1024; 0: none, calibration on stored keys only) and
+  ``monitor`` (fraction of live query rows checked against exact search in the
+  background, for a running recall estimate in ``stats()``; the store
+  recalibrates when it falls below the target; default 0: off; cost in
+  :mod:`kvmem.stores._monitor`).
 - Around a search, this thread's torch ops run on one thread
   (:func:`torch_threads`), except the exact search of partitions without a
   usable index, which runs as the exact backend's, on the caller's torch
@@ -34,11 +46,17 @@
   and fight the spans for the cores (a 500-query hnswlib search took 1.4x as
   long right after a parallel torch op on a 2-core machine). A search uses at
   most the caller's ``torch.get_num_threads()`` cores.
-- Persistence: the native index files plus ``ann.<tag>.json`` (per-partition
-  state and calibration), all checksummed by :mod:`kvmem.persist`.
+- Asked queries also build the hub (:class:`kvmem.stores._asked.Hub`): the
+  true neighbours of the sampled queries nearest a search's query join the
+  index's candidates, which is what lets an index built on keys reach queries
+  unlike them.
+- Persistence: the native index files, ``ann.<tag>.json`` (per-partition
+  state and calibration) and ``asked.<tag>.safetensors`` (samples and hubs),
+  all checksummed by :mod:`kvmem.persist`.
 
 Thread-safe with other search calls; add, remove and clear take the write lock
-(and so does the maintenance an add triggers: training, calibration).
+(and so does the maintenance an add triggers: training, calibration); a
+calibration a search triggers runs in that search's call under the read lock.
 """
 
 from __future__ import annotations
@@ -46,7 +64,6 @@ from __future__ import annotations
 import json
 import numbers
 import threading
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -57,17 +74,19 @@ import torch
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError
 from kvmem.store import SearchResult
-from kvmem.stores._calibrate import Calibration, K, calibrate
+from kvmem.stores._asked import AskedQueries, Hub, load_asked, merge, save_asked
+from kvmem.stores._calibrate import Calibration
+from kvmem.stores._monitor import Monitor
 from kvmem.stores._threads import parallel, spread, torch_threads, workers
+from kvmem.stores._tuning import Tuning, check_recall
 from kvmem.stores.exact import TableKeys, sqnorm_column, sqnorm_rows
 from kvmem.tablestore import TableStore
 from kvmem.topk import NEG_INF, blocked_search, exact_scores, rank_dtype_for
 
-__all__ = ["AnnStore", "PartIndex", "check_int", "check_recall", "read_meta"]
+__all__ = ["AnnStore", "PartIndex", "ANN_DEFAULTS", "check_ann_options", "check_int", "check_recall", "read_meta"]
 
-DEFAULT_TARGET = 0.95       # recall@32 aimed at when the user fixes neither the knob nor target_recall
-RECALIBRATE_AFTER = 0.25    # rows added since the last calibration, as a fraction of the rows held then
 _META_LIMIT = 16 << 20      # bytes; the state file is a few KB per thousand partitions
+ANN_DEFAULTS = {"query_sample": 1024, "monitor": 0.0}   # options both backends take (see AnnStore)
 
 # ---------------------------------------------------------------------------------------------- validation
 def check_int(backend: str, name: str, value: Any, *, low: int = 1, allow_none: bool = True) -> None:
@@ -78,11 +97,12 @@ def check_int(backend: str, name: str, value: Any, *, low: int = 1, allow_none: 
                                 f"{' or None' if allow_none else ''}; got {value!r}")
 
 
-def check_recall(backend: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) <= 1:
-        raise InvalidInputError(f"{backend} option target_recall must be a number in (0, 1] or None; got {value!r}")
+def check_ann_options(backend: str, options: Mapping[str, Any]) -> None:
+    sample = options.get("query_sample", ANN_DEFAULTS["query_sample"])
+    check_int(backend, "query_sample", sample, low=0, allow_none=False)
+    rate = options.get("monitor", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= float(rate) <= 1:
+        raise InvalidInputError(f"{backend} option monitor must be a fraction in [0, 1]; got {rate!r}")
 
 
 def read_meta(path: Path, backend: str, partitions: int) -> list[dict[str, Any]]:
@@ -197,7 +217,7 @@ class _Found:
             self.values[lo:hi].masked_fill_(missing[..., None], 0)
 
 
-class AnnStore(TableStore):
+class AnnStore(Tuning, TableStore):
     """An in-RAM store ranked by one approximate index per partition; see the module docstring.
 
     Subclasses set ``param`` (the per-call knob) and implement the ``_part_*`` hooks.
@@ -215,6 +235,11 @@ class AnnStore(TableStore):
         self._calibrations: list[Calibration | None] = [None] * config.partitions
         self._added = np.zeros(config.partitions, np.int64)    # rows added since the last calibration
         self._last = threading.local()                           # this thread's last (best slots, their keys)
+        sample = int(config.options.get("query_sample", ANN_DEFAULTS["query_sample"]))    # a save from before: default
+        self._asked = AskedQueries(config.partitions, config.dim, sample)
+        self._hubs: list[Hub | None] = [None] * config.partitions
+        self._target: float | None = None                        # a target given to calibrate(), kept
+        self._monitor = Monitor(float(config.options.get("monitor", ANN_DEFAULTS["monitor"])))
 
     @property
     def exact(self) -> bool:
@@ -223,53 +248,21 @@ class AnnStore(TableStore):
     def search(self, queries: Any, k: int, **params: Any) -> SearchResult:
         self._last.threads = torch.get_num_threads()          # what the index library's search gets back
         with torch_threads(1):
-            return super().search(queries, k, **params)
+            result = super().search(queries, k, **params)
+        self._after_search()
+        return result
+
+    def save(self, path: Any) -> None:
+        self._settle()
+        super().save(path)
+
+    def close(self) -> None:
+        self._monitor.wait()
+        super().close()
 
     def _caller_threads(self) -> int:
         """The torch threads of this search's caller (:meth:`search` runs the small ops on one)."""
         return getattr(self._last, "threads", torch.get_num_threads())
-
-    @property
-    def target_recall(self) -> float | None:
-        """The recall@32 calibration aims for; None when the knob is fixed by an option."""
-        if self.options["target_recall"] is not None:
-            return float(self.options["target_recall"])
-        return None if self.options[self.param] is not None else DEFAULT_TARGET
-
-    def calibration(self) -> list[Calibration | None]:
-        """Per partition, the last calibration (knob value, recall measured on the sample, rows then)."""
-        return list(self._calibrations)
-
-    def calibrate(self) -> list[Calibration | None]:
-        """Calibrate every indexed partition now to ``target_recall``; takes the write lock.
-
-        Raises InvalidInputError when the knob is fixed by an option (no target to calibrate for).
-        """
-        self._check_open()
-        target = self.target_recall
-        if target is None:
-            raise InvalidInputError(f"{self.backend} has a fixed {self.param}={self.options[self.param]}; "
-                                    "create it with target_recall to calibrate")
-        with self._lock.write():
-            self._recalibrate([p for p in range(self.partitions)
-                               if self._parts[p].indexed and self._book.counts[p] >= 2], target)
-        return self.calibration()
-
-    def _recalibrate(self, partitions: list[int], target: float) -> None:
-        """Calibrate ``partitions``; warn about those whose index newly falls short of the target."""
-        short = []
-        for p in partitions:
-            last = self._calibrations[p]
-            self._calibrations[p] = cal = calibrate(self, p, target, *self._value_range(p))
-            self._added[p] = 0
-            if cal.exact and (last is None or not last.exact):
-                short.append(f"{p} ({cal.recall:.3f} at {self.param} {cal.value})")
-        if short:
-            warnings.warn(f"{self.backend}: the index cannot reach recall@{K} {target} within the {self.param} "
-                          f"range where it beats exact search; partition (best recall) {', '.join(short[:8])}"
-                          f"{' ...' if len(short) > 8 else ''} is searched exactly until a recalibration reaches "
-                          f"it. Lower target_recall, or fix {self.param}, to search the index.",
-                          RuntimeWarning, stacklevel=4)
 
     def _extra_columns(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         return sqnorm_column()                                  # for exact search, as the exact backend's
@@ -340,8 +333,9 @@ class AnnStore(TableStore):
     def _index_clear(self, partitions: list[int]) -> None:
         for p in partitions:
             self._parts[p] = self._new_part(p)
-            self._calibrations[p] = None
+            self._calibrations[p] = self._hubs[p] = None
             self._added[p] = 0
+        self._asked.clear(partitions)
 
     def _after_add(self) -> None:
         target = self.target_recall
@@ -351,8 +345,7 @@ class AnnStore(TableStore):
             rebuilt = self._maintain(p)
             if target is None or not self._parts[p].indexed or counts[p] < 2:
                 continue
-            last = self._calibrations[p]
-            if rebuilt or last is None or self._added[p] >= RECALIBRATE_AFTER * last.rows:
+            if self._due(p, rebuilt):
                 due.append(p)
         if due:
             self._recalibrate(due, target)
@@ -368,6 +361,7 @@ class AnnStore(TableStore):
         held = [p for p in range(P) if counts[p] and q]
         ranked = {p: self._value(p, params) for p in held if self._ranks(p, params)}
         exact = [p for p in held if p not in ranked]
+        self._asked.record(queries)
         found = _Found(self, queries, k)
         if not self._table.data["keys"].shape[1]:                 # no row reserved yet: nothing to find
             found.empty()
@@ -380,6 +374,7 @@ class AnnStore(TableStore):
                    P * q, workers(self._caller_threads()))
         best = found.best.view(P, q, k)
         self._last.result = (best, found)
+        self._monitor.offer(self, queries, found.scores.view(P, q, k))
         return found.scores.view(P, q, k), best
 
     def _candidates(self, q32: np.ndarray, queries: torch.Tensor, found: _Found, ranked: Mapping[int, int],
@@ -392,7 +387,8 @@ class AnnStore(TableStore):
             a, b = max(lo, p * q) - p * q, min(hi, (p + 1) * q) - p * q              # this partition's queries
             labels = self._parts[p].search(q32[p, a:b], k, ranked[p]) if p in ranked else None
             if labels is not None:
-                pieces.append(torch.from_numpy(self._book.slots_in(p, labels)))
+                slots, hub = torch.from_numpy(self._book.slots_in(p, labels)), self._hubs[p]
+                pieces.append(slots if hub is None else merge(slots, hub.candidates(self, p, queries[p, a:b])))
             elif p in ranked:                                     # the library could not answer: exact
                 pieces.append(self.exact_slots(queries[p:p + 1, a:b], [p], k)[0])
             else:                                                 # searched exactly before, or empty
@@ -432,17 +428,18 @@ class AnnStore(TableStore):
             cal = self._calibrations[p]
             state["calibration"] = None if cal is None else cal.to_dict()
             state["added"] = int(self._added[p])
+            state["target"] = self._target
             states.append(state)
             if name is not None:
                 files[f"index.p{p}"] = name
         meta = f"ann.{tag}.json"
         (directory / meta).write_text(json.dumps({"backend": self.backend, "partitions": states}))
-        return {"ann": meta, **files}
+        return {"ann": meta, "asked": save_asked(self, directory, tag), **files}
 
     def _index_load(self, directory: Path, files: Mapping[str, Any]) -> None:
         if "ann" not in files:
             raise CorruptStoreError(f"the manifest lists no ann state file for this {self.backend} store")
-        known = {"rows", "ann"} | {f"index.p{p}" for p in range(self.partitions)}
+        known = {"rows", "ann", "asked"} | {f"index.p{p}" for p in range(self.partitions)}
         if set(files) - known:
             raise CorruptStoreError(f"the manifest lists unexpected files: {sorted(set(files) - known)}")
         states = read_meta(directory / files["ann"]["name"], self.backend, self.partitions)
@@ -451,3 +448,8 @@ class AnnStore(TableStore):
             self._parts[p] = self._part_load(p, state, None if entry is None else directory / entry["name"])
             self._calibrations[p] = Calibration.from_dict(state.get("calibration"), self._value_range(p))
             self._added[p] = meta_int(state, "added")
+            target = state.get("target")
+            if target is not None and not (isinstance(target, float) and 0 < target <= 1):
+                raise CorruptStoreError(f"index state: target must be a number in (0, 1] or null; got {target!r}")
+            self._target = target
+        load_asked(self, directory / files["asked"]["name"] if "asked" in files else None)

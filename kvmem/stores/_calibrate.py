@@ -1,22 +1,28 @@
-"""``target_recall``: choose ``nprobe`` / ``ef`` by measuring recall on the store's own keys.
+"""``target_recall``: choose ``nprobe`` / ``ef`` by measuring recall against exact search.
 
 Neither faiss nor hnswlib offers this. For one partition:
 
-1. sample up to :data:`QUERIES` of its stored keys as queries (seeded by the
-   partition and its row count, so a store built the same way calibrates the same way);
-2. find their exact top-``k+1`` with :func:`kvmem.topk.blocked_search` and drop
-   each query's own row (leave-one-out: a stored key is not its own neighbour);
+1. take the queries it rests on: the partition's sample of asked queries
+   (:class:`kvmem.stores._asked.AskedQueries`) once it holds
+   :data:`~kvmem.stores._asked.MIN_ASKED` of them; before that, up to
+   :data:`QUERIES` of its stored keys (seeded by the partition and its row
+   count), which stand in for queries until real ones arrive -- attention
+   queries lie elsewhere in the space than keys, and recall on keys used as
+   queries can be far from theirs, in either direction;
+2. find their exact top-``k`` with :func:`kvmem.topk.blocked_search` (for
+   stored keys, top-``k+1`` less each query's own row: a stored key is not its
+   own neighbour);
 3. search the index at growing knob values (doubling, then bisection) and keep
    the smallest value at which recall@k, after exact rescoring, reaches the
-   target with confidence: its mean over the sampled queries minus two
-   standard errors must be at least the target (about a 97.5% one-sided bound;
-   the sample's mean alone would land half the stores below their target).
+   target with confidence: its mean over the queries minus two standard errors
+   must be at least the target (about a 97.5% one-sided bound; the sample's
+   mean alone would land half the stores below their target).
 
-What it measures is recall for queries distributed like the stored keys. In
-a model, queries come from another projection than keys; when they sit
-elsewhere (ip search is sensitive to that), the recall they get can differ,
-so choose the target with some room, or fix ``nprobe`` / ``ef`` after
-measuring on real queries.
+On asked queries the candidates include the hub's
+(:class:`~kvmem.stores._asked.Hub`), each sampled query leaving itself out,
+and the calibration's exact neighbours become the partition's new hub. The
+record also carries the recall of stored keys used as queries at the chosen
+value (``key_recall``), beside the recall of the asked queries.
 
 Recall counts a returned row as a hit when its exact score is within a
 relative 1e-5 of the true k-th score (ties are not misses), as ann-benchmarks
@@ -27,12 +33,14 @@ bisection assumes.
 
 If the target is out of reach -- the knob's range ends (each backend caps it
 where its index stops being faster than a full exact scan), or recall stops
-improving (an HNSW graph under ip can plateau short of 1) -- the calibration
-says so (``exact=True``, with the recall the index got at the value where it
-stopped) and the partition is searched exactly until a later calibration
-reaches the target: a user who asked for a recall gets it, from the exact
-search, rather than the index's best at any price. A per-call or fixed knob
-still searches the index.
+improving (an HNSW graph under ip can plateau short of 1; a doubling that seems
+to level off is checked against the top of the range before it is believed:
+queries whose top-k is mostly a few "sink" keys gain little per doubling at
+first and much later) -- the calibration says so (``exact=True``, with the
+recall the index got at the value where it stopped) and the partition is
+searched exactly until a later calibration reaches the target: a user who
+asked for a recall gets it, from the exact search, rather than the index's
+best at any price. A per-call or fixed knob still searches the index.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import numpy as np
 import torch
 
 from kvmem.errors import CorruptStoreError
+from kvmem.stores._asked import Hub, merge
 from kvmem.stores._threads import cpus, spread
 from kvmem.topk import NEG_INF, exact_scores
 
@@ -64,10 +73,12 @@ class Calibration:
     """The outcome of calibrating one partition."""
 
     value: int          # the nprobe / ef chosen
-    recall: float       # recall@k measured on the sample at that value
+    recall: float       # recall@k measured on the calibration's queries at that value
     rows: int           # rows the partition held when it was measured
     k: int              # the k of that recall (K, or fewer for a small partition)
     exact: bool = False  # the target is out of the index's reach: the partition is searched exactly
+    queries: int = 0    # asked queries the recall rests on; 0: stored keys used as queries
+    key_recall: float | None = None  # recall of stored keys used as queries at that value
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -77,16 +88,21 @@ class Calibration:
         """From a saved state; None stays None. Raises CorruptStoreError when malformed."""
         if data is None:
             return None
-        ints = ("value", "rows", "k")
-        if isinstance(data, dict) and "exact" not in data:
-            data = {**data, "exact": False}         # saved before the flag: the index was always searched
-        ok = (isinstance(data, dict) and set(data) == {*ints, "recall", "exact"}
+        ints = ("value", "rows", "k", "queries")
+        if isinstance(data, dict):                  # saved before a field: exact=False, measured on keys
+            data = {"exact": False, "queries": 0, "key_recall": data.get("recall"), **data}
+        ok = (isinstance(data, dict) and set(data) == {*ints, "recall", "exact", "key_recall"}
               and all(isinstance(data[n], int) and not isinstance(data[n], bool) and data[n] >= 0 for n in ints)
-              and isinstance(data["recall"], (int, float)) and 0 <= data["recall"] <= 1
+              and all(_fraction(data[n]) for n in ("recall", "key_recall"))
               and isinstance(data["exact"], bool) and value_range[0] <= data["value"] <= value_range[1])
         if not ok:
             raise CorruptStoreError(f"index state: calibration is malformed or out of range {value_range}: {data!r}")
-        return cls(data["value"], float(data["recall"]), data["rows"], data["k"], data["exact"])
+        return cls(data["value"], float(data["recall"]), data["rows"], data["k"], data["exact"], data["queries"],
+                   float(data["key_recall"]))
+
+
+def _fraction(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= 1
 
 
 def reaches(measured: tuple[float, float], target: float) -> bool:
@@ -99,10 +115,11 @@ def smallest_value(recall_at: Callable[[int], tuple[float, float]], low: int, hi
     """The smallest value in ``[low, high]`` (to within 1/16) whose recall, less two standard errors,
     reaches ``target``; ``recall_at(value)`` gives ``(mean, standard error)``. Returns the value and its pair.
 
-    Doubling stops early when a doubling removes less than a tenth of the misses and adds less than
-    a tenth to the recall: the index has plateaued (an ip graph can stop short of recall 1 at any ef)
-    and the smaller value is kept. (At a low recall a doubling removes few misses but doubles the
-    recall: IVF on unstructured data, where recall grows with the fraction of lists probed.)
+    A doubling that removes less than a tenth of the misses and adds less than a tenth to the
+    recall looks like a plateau (an ip graph can stop short of recall 1 at any ef); it is checked
+    once at ``high``: if that reaches the target the search bisects below it, else the smaller
+    value is kept. (At a low recall a doubling removes few misses but doubles the recall: IVF on
+    unstructured data, where recall grows with the fraction of lists probed.)
     """
 
     def enough(measured: tuple[float, float]) -> bool:
@@ -114,8 +131,12 @@ def smallest_value(recall_at: Callable[[int], tuple[float, float]], low: int, hi
         bigger = min(high, 2 * value)
         measured = recall_at(bigger)
         gain = measured[0] - recall[0]
-        if gain < _PLATEAU * min(1 - recall[0], recall[0]) and not enough(measured):
-            return value, recall                    # plateau: more of the knob buys next to nothing
+        if gain < _PLATEAU * min(1 - recall[0], recall[0]) and not enough(measured) and bigger < high:
+            top = recall_at(high)
+            if not enough(top):
+                return value, recall                # a plateau: more of the knob buys next to nothing
+            failed, value, recall = bigger, high, top
+            break
         failed, value, recall = value, bigger, measured
     if not enough(recall):
         return value, recall                        # out of reach: the largest value
@@ -129,39 +150,66 @@ def smallest_value(recall_at: Callable[[int], tuple[float, float]], low: int, hi
     return value, recall
 
 
-def calibrate(store: AnnStore, partition: int, target: float, low: int, high: int) -> Calibration:
-    """Calibrate the knob of one partition of ``store``; see the module docstring. Caller holds the write lock."""
-    p = partition
-    count = int(store._book.counts[p])
-    k = min(K, count - 1)
-    rng = np.random.default_rng([p, count])
-    slots = np.sort(rng.choice(count, min(QUERIES, count), replace=False))          # (S,)
-    queries = store._table.data["keys"][p, torch.from_numpy(slots)].float()        # (S, dim)
-    own = torch.from_numpy(slots)[:, None]                                           # (S, 1)
+class _Recall:
+    """``recall_at(value)`` of one partition's index for a set of queries, against their exact top-k."""
 
-    truth = store.exact_slots(queries[None], [p], k + 1)[0]                          # (S, k+1)
-    true_scores = _scores(store, p, queries, truth, own)
-    kth = true_scores.sort(-1, descending=True).values[:, k - 1]                     # (S,) k-th best, self excluded
-    tol = _TIE_RTOL * (1 + kth.abs())
-    q32 = queries.numpy()
+    def __init__(self, store: AnnStore, p: int, queries: torch.Tensor, k: int, own: torch.Tensor | None,
+                 hub: Hub | None, leave_out: bool) -> None:
+        self.store, self.p, self.queries, self.k, self.own = store, p, queries, k, own
+        self.truth = store.exact_slots(queries[None], [p], k + (own is not None))[0]     # (S, k[+1])
+        true_scores = _scores(store, p, queries, self.truth, own)
+        kth = true_scores.sort(-1, descending=True).values[:, k - 1]                    # (S,) k-th best
+        self.floor = kth - _TIE_RTOL * (1 + kth.abs())
+        self.hub = None if hub is None else hub.candidates(store, p, queries, leave_out)   # (S, h*k)
 
-    def recall_at(value: int) -> tuple[float, float]:
-        spans = spread(lambda lo, hi: store._parts[p].search(q32[lo:hi], k + 1, value), len(q32), cpus())
+    def __call__(self, value: int) -> tuple[float, float]:
+        store, p, q32, k = self.store, self.p, self.queries.numpy(), self.k
+        width = k + (self.own is not None)
+        spans = spread(lambda lo, hi: store._parts[p].search(q32[lo:hi], width, value), len(q32), cpus())
         if any(f is None for f in spans):
             return 0.0, 0.0
-        found = np.concatenate(spans)
-        got = torch.from_numpy(store._book.slots_in(p, found))                      # (S, c)
-        best = _scores(store, p, queries, got, own).topk(k, -1).values              # (S, k) after rescoring
-        per_query = (best >= (kth - tol)[:, None]).double().mean(-1)                 # (S,)
+        got = torch.from_numpy(store._book.slots_in(p, np.concatenate(spans)))        # (S, c)
+        if self.hub is not None:
+            got = merge(got, self.hub)
+        best = _scores(store, p, self.queries, got, self.own).topk(k, -1).values      # (S, k) after rescoring
+        per_query = (best >= self.floor[:, None]).double().mean(-1)                   # (S,)
         error = float(per_query.std()) / len(per_query) ** 0.5 if len(per_query) > 1 else 0.0
         return float(per_query.mean()), error
 
-    value, measured = smallest_value(recall_at, low, max(low, high), target)
-    return Calibration(value=value, recall=measured[0], rows=count, k=k, exact=not reaches(measured, target))
+
+def calibrate(store: AnnStore, partition: int, target: float, low: int, high: int,
+              asked: torch.Tensor | None = None) -> tuple[Calibration, Hub | None]:
+    """Calibrate the knob of one partition of ``store`` on ``asked (S, dim)`` queries, or on stored keys
+    when None; see the module docstring. Returns the record and the new hub (None on keys).
+    Caller holds the store's lock (read or write)."""
+    p = partition
+    count = int(store._book.counts[p])
+    rng = np.random.default_rng([p, count])
+    slots = torch.from_numpy(np.sort(rng.choice(count, min(QUERIES, count), replace=False)))       # (S,)
+    keys = store._table.data["keys"][p, slots].float()                                             # (S, dim)
+    hub = None
+    if asked is None:
+        measure = _Recall(store, p, keys, min(K, count - 1), slots[:, None], None, False)
+    else:
+        k = min(K, count)
+        truth = store.exact_slots(asked[None], [p], k)[0]                                         # (S, k)
+        truth_ids = store._table.data["ids"][p][truth.clamp(min=0)].masked_fill(truth < 0, -1)
+        hub = Hub(asked, truth_ids, store.metric)
+        measure = _Recall(store, p, asked, k, None, hub, leave_out=True)
+    value, measured = smallest_value(measure, low, max(low, high), target)
+    key_recall = measured[0]
+    if asked is not None and count >= 2:
+        key_recall = _Recall(store, p, keys, min(K, count - 1), slots[:, None], hub, False)(value)[0]
+    cal = Calibration(value=value, recall=measured[0], rows=count, k=measure.k, exact=not reaches(measured, target),
+                      queries=0 if asked is None else len(asked), key_recall=key_recall)
+    return cal, hub
 
 
-def _scores(store: AnnStore, p: int, queries: torch.Tensor, slots: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-    """Exact scores ``(S, c)`` of ``slots (S, c)`` for ``queries (S, dim)``; -inf at -1 and at the query's own row."""
+def _scores(store: AnnStore, p: int, queries: torch.Tensor, slots: torch.Tensor,
+            own: torch.Tensor | None) -> torch.Tensor:
+    """Exact scores ``(S, c)`` of ``slots (S, c)`` for ``queries (S, dim)``; -inf at -1 and at the query's
+    own row (``own (S, 1)``, for stored keys used as queries)."""
     keys = store._table.data["keys"][p][slots.clamp(min=0)]                          # (S, c, dim)
     scores = exact_scores(queries[None], keys[None], store.metric)[0]
-    return scores.masked_fill((slots < 0) | (slots == own), NEG_INF)
+    gone = slots < 0 if own is None else (slots < 0) | (slots == own)
+    return scores.masked_fill(gone, NEG_INF)

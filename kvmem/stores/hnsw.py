@@ -28,7 +28,9 @@ Options:
     ef: search beam; None (default): calibrated per partition to ``target_recall``,
         between 64 and max(256, rows / 512), past which the graph is no faster than
         exact search; a target out of that reach searches the partition exactly.
-    target_recall: recall@32 ef is calibrated for (default 0.95 when ef is None).
+    target_recall: recall@32 ef is calibrated for (default 0.95 when ef is None), on the
+        queries the store is asked (see :mod:`kvmem.stores._ann`).
+    query_sample, monitor: the asked-query sample and the recall monitor (:mod:`kvmem.stores._ann`).
 
 Search parameter: ``ef`` (per call). Thread-safe with other search calls; add,
 remove and clear take the write lock.
@@ -48,7 +50,7 @@ import torch
 
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError, map_errors
-from kvmem.stores._ann import AnnStore, check_int, check_recall, meta_int
+from kvmem.stores._ann import ANN_DEFAULTS, AnnStore, check_ann_options, check_int, check_recall, meta_int
 from kvmem.stores._hnswfile import check_hnsw_file
 
 __all__ = ["HNSWStore", "add_to_graph", "build_beam", "graph_nbytes", "remove_from_graph"]
@@ -192,7 +194,7 @@ class HNSWStore(AnnStore):
     param = "ef"
     floor = _EF_FLOOR
     search_params = frozenset({"ef"})
-    defaults = {"M": 16, "ef_construction": None, "ef": None, "target_recall": None}
+    defaults = {"M": 16, "ef_construction": None, "ef": None, "target_recall": None, **ANN_DEFAULTS}
 
     def __init__(self, config: StoreConfig, device: torch.device) -> None:
         super().__init__(config, device)
@@ -210,6 +212,7 @@ class HNSWStore(AnnStore):
         check_int("hnsw", "ef_construction", options["ef_construction"])
         check_int("hnsw", "ef", options["ef"])
         check_recall("hnsw", options["target_recall"])
+        check_ann_options("hnsw", options)
         if options["ef"] is not None and options["target_recall"] is not None:
             raise InvalidInputError("hnsw: give ef (fixed) or target_recall (calibrated), not both")
 

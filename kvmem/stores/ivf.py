@@ -37,7 +37,9 @@ Options:
     nprobe: lists a search visits; None (default): calibrated to ``target_recall`` between 1
         and nlist / 8 (or 16), past which the index is no faster than exact search; a target out of
         that reach searches the partition exactly.
-    target_recall: recall@32 nprobe is calibrated for (default 0.95 when nprobe is None).
+    target_recall: recall@32 nprobe is calibrated for (default 0.95 when nprobe is None), on the
+        queries the store is asked (see :mod:`kvmem.stores._ann`).
+    query_sample, monitor: the asked-query sample and the recall monitor (:mod:`kvmem.stores._ann`).
     train_size: rows a partition holds before it trains; None: 32768, or 39 per list
         when nlist is fixed, and at least what the codes need (PQ: 39 x 2^bits).
     retrain_factor: see Growth above; a number > 1, or None.
@@ -64,7 +66,7 @@ import torch
 
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError, map_errors
-from kvmem.stores._ann import AnnStore, check_int, check_recall, meta_int
+from kvmem.stores._ann import ANN_DEFAULTS, AnnStore, check_ann_options, check_int, check_recall, meta_int
 from kvmem.stores._ivffile import check_faiss_file, list_ids
 from kvmem.stores._threads import thread_count
 
@@ -238,7 +240,7 @@ class IVFStore(AnnStore):
     param = "nprobe"
     search_params = frozenset({"nprobe"})
     defaults = {"index": "Flat", "nlist": None, "nprobe": None, "target_recall": None, "train_size": None,
-                "retrain_factor": 4.0, "refine": None}
+                "retrain_factor": 4.0, "refine": None, **ANN_DEFAULTS}
 
     def __init__(self, config: StoreConfig, device: torch.device) -> None:
         self._spec = _parse(config.options, config.dim, config.metric)
@@ -256,6 +258,7 @@ class IVFStore(AnnStore):
             check_int("ivf", name, options[name])
         check_int("ivf", "train_size", options["train_size"], low=2)
         check_recall("ivf", options["target_recall"])
+        check_ann_options("ivf", options)
         if options["nprobe"] is not None and options["target_recall"] is not None:
             raise InvalidInputError("ivf: give nprobe (fixed) or target_recall (calibrated), not both")
         factor = options["retrain_factor"]

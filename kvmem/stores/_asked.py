@@ -1,0 +1,210 @@
+"""The queries an approximate store is asked: a bounded sample per partition, and what it is used for.
+
+- :class:`AskedQueries` keeps, per partition, a uniform sample of at most
+  ``size`` of the queries searched so far (reservoir sampling, Vitter's
+  algorithm R, seeded): calibration measures recall on it
+  (:mod:`kvmem.stores._calibrate`). Recording a search's queries costs one
+  small random draw per query row and a copy of the rows taken, under its own
+  lock (not the store's).
+- :class:`Hub` is the query-aware part of both indexes: the sampled queries
+  with their exact top-k ids, found when the partition was last calibrated on
+  them. A new query also takes as candidates the true neighbours of the
+  :data:`HUBS` sampled queries nearest it (cosine for ``ip`` / ``cos``, L2 for
+  ``l2``). Attention queries lie elsewhere than the keys, so an index built on
+  keys (IVF centroids, a graph whose edges join keys to keys) routes a query
+  by the keys that look like it, not by the keys it scores highest; queries
+  near each other in query space share true neighbours, and the hub hands
+  them over (the query-to-key edges of RoarGraph / RetrievalAttention, kept
+  as a table beside the index). Neither hnswlib nor faiss can hold such edges:
+  hnswlib's links are key-to-key and its search starts from one entry point,
+  and a faiss IVF list holds keys by their own centroid, so the table lives
+  here, and its candidates join the index's before the exact rescoring.
+  Ids, not slots, are kept, so rows removed since are skipped.
+
+Neither is thread-safe for writes beyond what its docstring says: the store
+serialises calibration (which installs a hub) with its lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from kvmem.errors import CorruptStoreError
+
+if TYPE_CHECKING:
+    from kvmem.stores._ann import AnnStore
+
+__all__ = ["AskedQueries", "Hub", "HUBS", "MIN_ASKED", "save_asked", "load_asked"]
+
+HUBS = 8            # sampled queries whose true neighbours join a search's candidates
+MIN_ASKED = 64      # asked queries a partition needs before calibration rests on them
+
+
+class AskedQueries:
+    """A reservoir sample of asked queries per partition. ``record`` is thread-safe with itself."""
+
+    def __init__(self, partitions: int, dim: int, size: int, seed: int = 0) -> None:
+        self.size, self.dim = size, dim
+        self.rows = [torch.empty(0, dim) for _ in range(partitions)]      # (n_p <= size, dim) float32
+        self.seen = np.zeros(partitions, np.int64)                        # queries offered so far
+        self.fresh = np.zeros(partitions, np.int64)                       # taken since the last calibration
+        self.frozen = False                                               # record nothing (AnnStore.freeze)
+        self._seed = seed
+        self._rng = np.random.default_rng([seed, partitions, dim])     # for replace's subsample
+        self._lock = threading.Lock()
+
+    def record(self, queries: torch.Tensor) -> None:
+        """Offer a search's queries ``(P, q, dim)`` float32 to each partition's sample."""
+        if not self.size or not queries.shape[1] or self.frozen:
+            return
+        with self._lock:
+            for p in range(queries.shape[0]):
+                self._offer(p, queries[p])
+
+    def _offer(self, p: int, q: torch.Tensor) -> None:
+        rows, seen, n = self.rows[p], int(self.seen[p]), q.shape[0]
+        fill = min(n, max(0, self.size - len(rows)))
+        if fill:
+            rows = self.rows[p] = torch.cat([rows, q[:fill].float()])
+        rest = n - fill
+        if rest:                                                         # algorithm R for the others
+            at = seen + fill + np.arange(rest)                           # each query's 0-based arrival
+            rng = np.random.default_rng([self._seed, p, seen])          # a function of the queries seen,
+            pick = (rng.random(rest) * (at + 1)).astype(np.int64)      # so a reloaded store draws the same
+            taken = np.flatnonzero(pick < self.size)
+            if len(taken):
+                rows[torch.from_numpy(pick[taken])] = q[fill + torch.from_numpy(taken)].float()
+            fill += len(taken)
+        self.seen[p] += n
+        self.fresh[p] += fill
+
+    def sample(self, p: int) -> torch.Tensor:
+        with self._lock:
+            return self.rows[p].clone()                                   # (n_p, dim)
+
+    def take(self, p: int) -> torch.Tensor:
+        """The sample, for a calibration: what it takes from now on counts as fresh."""
+        with self._lock:
+            self.fresh[p] = 0
+            return self.rows[p].clone()
+
+    def replace(self, p: int, queries: torch.Tensor) -> None:
+        """Make ``queries (n, dim)`` partition p's sample (a seeded subsample when n > size)."""
+        with self._lock:
+            if len(queries) > self.size:
+                keep = np.sort(self._rng.choice(len(queries), self.size, replace=False))
+                queries = queries[torch.from_numpy(keep)]
+            self.rows[p] = queries.float().clone()
+            self.seen[p], self.fresh[p] = len(queries), len(self.rows[p])
+
+    def clear(self, partitions: list[int]) -> None:
+        with self._lock:
+            for p in partitions:
+                self.rows[p] = torch.empty(0, self.dim)
+                self.seen[p] = self.fresh[p] = 0
+
+
+class Hub:
+    """Sampled queries ``(S, dim)`` of one partition and their exact top-k ids ``(S, k)``."""
+
+    def __init__(self, queries: torch.Tensor, ids: torch.Tensor, metric: str) -> None:
+        self.queries, self.ids, self.metric = queries.float(), ids.long(), metric
+        self._unit = self.queries if metric == "l2" else torch.nn.functional.normalize(self.queries, dim=1)
+        self._sq = self.queries.square().sum(1)                                         # (S,)
+
+    def nearest(self, queries: torch.Tensor, leave_out: bool = False) -> torch.Tensor:
+        """The :data:`HUBS` sampled queries nearest each of ``queries (n, dim)``: indices ``(n, h)``.
+        ``leave_out``: ``queries`` are the sample itself, in order, and none may pick itself."""
+        if self.metric == "l2":
+            near = torch.addmm(self._sq, queries, self._unit.T, alpha=-2)               # |h|^2 - 2 q.h
+            near = -near
+        else:
+            near = torch.nn.functional.normalize(queries, dim=1) @ self._unit.T         # (n, S) cosines
+        if leave_out:
+            near.fill_diagonal_(float("-inf"))
+        h = min(HUBS, len(self.queries) - leave_out)
+        return near.topk(h, -1).indices if h > 0 else torch.empty(len(queries), 0, dtype=torch.long)
+
+    def candidates(self, store: AnnStore, p: int, queries: torch.Tensor, leave_out: bool = False) -> torch.Tensor:
+        """Slots ``(n, h * k)`` of the true neighbours of the hubs nearest ``queries (n, dim)``; -1 pads."""
+        ids = self.ids[self.nearest(queries, leave_out)].reshape(len(queries), -1)     # (n, h*k)
+        return torch.from_numpy(store._book.slots_in(p, ids.numpy(), strict=False))
+
+
+def merge(index: torch.Tensor, hub: torch.Tensor) -> torch.Tensor:
+    """Candidate slots ``(n, a)`` and ``(n, b)`` as one ``(n, a + b)`` with duplicates made -1."""
+    both = torch.cat([index, hub], 1).sort(-1).values
+    both[:, 1:].masked_fill_(both[:, 1:] == both[:, :-1], -1)
+    return both
+
+
+# ---------------------------------------------------------------------------------------------- files
+def save_asked(store: AnnStore, directory: Path, tag: str) -> str:
+    """Write the samples and hubs of ``store`` to ``asked.<tag>.safetensors``; return the name."""
+    from safetensors.torch import save_file
+
+    asked = store._asked
+    with asked._lock:
+        tensors: dict[str, torch.Tensor] = {"seen": torch.from_numpy(asked.seen.copy()),
+                                            "fresh": torch.from_numpy(asked.fresh.copy())}
+        for p in range(store.partitions):
+            tensors[f"queries.p{p}"] = asked.rows[p].clone()
+        hub = store._hubs[p]
+        if hub is not None:
+            tensors[f"hub.queries.p{p}"], tensors[f"hub.ids.p{p}"] = hub.queries.contiguous(), hub.ids.contiguous()
+    name = f"asked.{tag}.safetensors"
+    save_file(tensors, str(directory / name))
+    return name
+
+
+def load_asked(store: AnnStore, file: Path | None) -> None:
+    """Restore what :func:`save_asked` wrote (nothing when ``file`` is None: a save from before it).
+    Validates every tensor's shape, dtype and values; raises CorruptStoreError."""
+    if file is None:
+        return
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors: Mapping[str, Any] = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CorruptStoreError(f"{file.name}: not a readable safetensors file: {exc}") from None
+    P, dim, size = store.partitions, store.dim, store._asked.size
+
+    def get(name: str, shape: tuple[int | None, ...], dtype: torch.dtype) -> torch.Tensor:
+        t = tensors.get(name)
+        if (t is None or t.dtype != dtype or t.dim() != len(shape)
+                or any(want is not None and got != want for got, want in zip(t.shape, shape))):
+            found = None if t is None else (tuple(t.shape), t.dtype)
+            raise CorruptStoreError(f"{file.name}: {name} should be {shape} {dtype}; found {found}")
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            raise CorruptStoreError(f"{file.name}: {name} holds NaN or Inf")
+        return t
+
+    known = {"seen", "fresh"} | {f"{w}.p{p}" for p in range(P) for w in ("queries", "hub.queries", "hub.ids")}
+    if set(tensors) - known:
+        raise CorruptStoreError(f"{file.name}: unexpected tensors {sorted(set(tensors) - known)[:4]}")
+    seen, fresh = get("seen", (P,), torch.int64).numpy(), get("fresh", (P,), torch.int64).numpy()
+    rows, hubs = [], []
+    for p in range(P):
+        q = get(f"queries.p{p}", (None, dim), torch.float32)
+        if len(q) > size or not 0 <= fresh[p] <= seen[p] or len(q) > seen[p]:
+            raise CorruptStoreError(f"{file.name}: partition {p} holds {len(q)} queries (at most {size}), "
+                                    f"seen {seen[p]}, fresh {fresh[p]}")
+        rows.append(q)
+        if f"hub.queries.p{p}" not in tensors:
+            hubs.append(None)
+            continue
+        hq = get(f"hub.queries.p{p}", (None, dim), torch.float32)
+        ids = get(f"hub.ids.p{p}", (len(hq), None), torch.int64)
+        if len(hq) > size or (ids.numel() and int(ids.min()) < -1):
+            raise CorruptStoreError(f"{file.name}: partition {p}'s hub is malformed")
+        hubs.append(Hub(hq, ids, store.metric))
+    store._asked.rows, store._asked.seen, store._asked.fresh = rows, seen.copy(), fresh.copy()
+    store._hubs = hubs
