@@ -308,7 +308,8 @@ def test_the_float32_redo_gathers_only_the_failed_partition(monkeypatch):
     queries = torch.randn(4, 16, 32, generator=gen)
     queries[2] = base + 1e-3 * torch.randn(16, 32, generator=gen)
     _assert_exact(store.search(queries, 10), keys, queries, "ip", 10)
-    assert widths == [4, 1]                                             # the ranked pass, then partition 2 alone
+    assert widths[0] == 4 and widths[1:] and set(widths[1:]) == {1}    # the ranked pass, then partition 2 alone
+    #                                                                     (float32, and float64 for what it leaves)
 
 
 # ---------------------------------------------------------------------------- TF32 guard

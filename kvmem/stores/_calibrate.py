@@ -93,12 +93,12 @@ class Calibration:
             data = {"exact": False, "queries": 0, "key_recall": data.get("recall"), **data}
         ok = (isinstance(data, dict) and set(data) == {*ints, "recall", "exact", "key_recall"}
               and all(isinstance(data[n], int) and not isinstance(data[n], bool) and data[n] >= 0 for n in ints)
-              and all(_fraction(data[n]) for n in ("recall", "key_recall"))
+              and _fraction(data["recall"]) and (data["key_recall"] is None or _fraction(data["key_recall"]))
               and isinstance(data["exact"], bool) and value_range[0] <= data["value"] <= value_range[1])
         if not ok:
             raise CorruptStoreError(f"index state: calibration is malformed or out of range {value_range}: {data!r}")
         return cls(data["value"], float(data["recall"]), data["rows"], data["k"], data["exact"], data["queries"],
-                   float(data["key_recall"]))
+                   None if data["key_recall"] is None else float(data["key_recall"]))
 
 
 def _fraction(x: Any) -> bool:
