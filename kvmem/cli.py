@@ -94,6 +94,8 @@ def _sweep(text: str) -> tuple[int, ...]:
 def _bench(args: argparse.Namespace) -> int:
     import dataclasses
 
+    import torch
+
     from kvmem import inputs
     from kvmem.benchmarks import runner
 
@@ -119,6 +121,11 @@ def _bench(args: argparse.Namespace) -> int:
     if sweeps:
         changes["sweeps"] = sweeps
     config = dataclasses.replace(base, **changes)
+    data_bytes = (config.size + config.queries) * config.dim * 4          # the generated float32 vectors
+    limit = inputs.byte_limit(torch.device("cpu"))
+    if data_bytes > limit:
+        raise InvalidInputError(f"--size {config.size:,} and --queries {config.queries:,} of --dim {config.dim:,} take "
+                                f"{data_bytes:,} bytes as float32, over the limit of {limit:,} ({inputs.LIMIT_ENV})")
     try:                                            # before an hour of benchmarking, not after
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
