@@ -92,7 +92,7 @@ def resolve(config: Any, given: Mapping[str, Any]) -> tuple[dict[str, Any], dict
             "config.mem_positionals=False (memory layers without RoPE, local attention included) is not "
             'supported by kvmem; pass positions="first", "none" or "absolute" to attach this model anyway'
         )
-    if chosen["positions"] not in POSITION_MODES:
+    if not isinstance(chosen["positions"], str) or chosen["positions"] not in POSITION_MODES:
         raise InvalidInputError(f"positions: expected one of {POSITION_MODES}, got {chosen['positions']!r}")
     check_k(given["k"])
     chosen["chunk_size"] = _positive(chosen["chunk_size"], "chunk_size")

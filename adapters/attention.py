@@ -255,7 +255,7 @@ class MemoryAttentionConfig:
     scaling: float | None = None  # logit scale; head_dim ** -0.5 when None
 
     def __post_init__(self):
-        if self.positions not in POSITION_MODES:
+        if not isinstance(self.positions, str) or self.positions not in POSITION_MODES:
             raise InvalidInputError(f"positions: expected one of {POSITION_MODES}, got {self.positions!r}")
         check_k(self.k)
         if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads <= 0:

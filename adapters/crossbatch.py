@@ -164,7 +164,7 @@ def crossbatch_forward(
 def memory_views(rope: Rotary | None, mode: str, query: torch.Tensor, key: torch.Tensor,
                  position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Memory query and key for windows rotated at their local ``position_ids`` ``(R or 1, W)``."""
-    if mode not in POSITION_MODES:
+    if not isinstance(mode, str) or mode not in POSITION_MODES:
         raise InvalidInputError(f"positions: expected one of {POSITION_MODES}, got {mode!r}")
     if rope is None:
         return query, key
