@@ -83,3 +83,17 @@ def test_value_dim_defaults_to_dim_and_dtype_names_are_accepted():
 def test_in_ram_backends_take_no_path(tmp_path):
     with pytest.raises(kvmem.InvalidInputError, match="use save"):
         kvmem.create("exact", dim=4, path=tmp_path / "x")
+
+
+def test_every_package_folder_is_in_the_wheel():
+    """An installed (non-editable) kvmem holds only the packages pyproject names: a new subpackage left out of
+    that list imports from a checkout and is missing from every wheel."""
+    import pathlib
+
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {"kvmem": pathlib.Path("kvmem")} | {name: pathlib.Path(path) for name, path in tool["package-dir"].items()}
+    found = {".".join([name, *init.parent.relative_to(root / folder).parts])
+             for name, folder in folders.items() for init in (root / folder).glob("**/__init__.py")}
+    assert found and found == set(tool["packages"])
