@@ -56,7 +56,7 @@ from kvmem.registry import registry
 from kvmem.testing import odd
 from kvmem.testing.checks import same, snapshot
 
-__all__ = ["Entry", "STORE_ENTRIES", "StoreFuzz", "attempt", "fuzz_settings", "limited", "summary", "TALLY",
+__all__ = ["Entry", "STORE_ENTRIES", "TUNING_ENTRIES", "StoreFuzz", "attempt", "fuzz_settings", "limited", "summary", "TALLY",
            "FUZZ_LIMIT", "REFUSED_BYTES"]
 
 FUZZ_LIMIT = 16 << 20           # bytes: KVMEM_MAX_CALL_BYTES during a fuzz
@@ -193,6 +193,18 @@ STORE_ENTRIES: list[Entry] = [
     Entry("clear", lambda s, _: st.tuples(st.tuples(_partitions_arg(s)), st.just({}))),
     Entry("count", lambda s, _: st.tuples(st.tuples(_partitions_arg(s)), st.just({}))),
     Entry("save", lambda s, root: st.tuples(st.tuples(odd.paths(str(root))), st.just({}))),
+    Entry("observe", lambda s, _: st.tuples(st.tuples(odd.vectors(s.partitions, s.dim)), st.just({}))),
+]
+
+#: The calls of a store that calibrates its knob on asked queries (``ivf``, ``hnsw``): added to a
+#: :class:`StoreFuzz`'s entries when the backend has ``calibrate``.
+TUNING_ENTRIES: list[Entry] = [
+    Entry("calibrate", lambda s, _: st.tuples(
+        st.tuples(st.one_of(st.none(), st.none(), odd.vectors(s.partitions, s.dim)),
+                  st.one_of(st.none(), st.none(), st.floats(0.5, 0.99), odd.scalars_or(st.sampled_from([0.0, 1.5])))),
+        st.just({}))),
+    Entry("freeze", lambda s, _: st.tuples(st.tuples(odd.scalars_or(st.booleans())), st.just({}))),
+    Entry("stats", lambda s, _: st.just(((), {}))),
 ]
 
 
@@ -213,7 +225,7 @@ class StoreFuzz:
     options: ClassVar[dict[str, Any]] = {}     # backend options for every store
     needs_path: ClassVar[bool] = False          # create(path=...) (persistent backends)
     examples: ClassVar[int] = 30                # examples per test in the default run
-    entries: ClassVar[list[Entry]] = STORE_ENTRIES
+    entries: ClassVar[list[Entry] | None] = None    # None: STORE_ENTRIES, and TUNING_ENTRIES if it calibrates
 
     # ------------------------------------------------------------------ building
     def new_store(self, root: Path, partitions: int = 2, metric: str = "ip", dtype: torch.dtype = torch.float32,
@@ -230,6 +242,11 @@ class StoreFuzz:
             store.remove(np.full((partitions, 1), n - 1))
         return store
 
+    def store_entries(self) -> list[Entry]:
+        if self.entries is not None:
+            return self.entries
+        return STORE_ENTRIES + (TUNING_ENTRIES if hasattr(registry[self.backend], "calibrate") else [])
+
     def run_calls(self, root: Path, data: st.DataObject) -> None:
         draw = data.draw
         store = self.new_store(root, draw(st.sampled_from([1, 2])), draw(st.sampled_from(["ip", "l2", "cos"])),
@@ -238,7 +255,7 @@ class StoreFuzz:
         probe = torch.randn(store.partitions, 2, store.dim)
         try:
             for _ in range(data.draw(st.integers(1, 4))):
-                entry = data.draw(st.sampled_from(self.entries))
+                entry = data.draw(st.sampled_from(self.store_entries()))
                 args = data.draw(entry.args(store, root))
                 before = snapshot(store, probe, k=16)
                 what = describe(f"{self.backend}.{entry.name}", *args)
