@@ -86,7 +86,9 @@ class KeySource(Protocol):
     def max_sqnorm(self) -> torch.Tensor:
         """Largest ``|k|^2`` of each partition's rows, ``(P,)`` float32 (an upper bound will do)."""
 
-    # optional: ``subset(partitions: list[int]) -> KeySource``, those partitions as a source of their own
+    def subset(self, partitions: list[int]) -> KeySource:
+        """Those partitions as a source of their own, reading only their rows (a second pass over the
+        uncertified queries of one partition must not gather the others)."""
 
 
 def fast_rank_dtype(device: torch.device) -> torch.dtype | None:
@@ -413,30 +415,7 @@ def _redo(source: KeySource, queries: torch.Tensor, k: int, metric: str, budget:
     """Search the uncertified queries again with a ``work`` ranking, in place."""
     for p in failed.any(1).nonzero().flatten().tolist():
         who = failed[p].nonzero().flatten()
-        sub = source.subset([p]) if hasattr(source, "subset") else _Partition(source, p)   # gathers p's rows only
+        sub = source.subset([p])                                                          # gathers p's rows only
         s, i = _search_tile(sub, queries[p:p + 1, who], k, metric, work, budget, max_rows)
         best[p, who], best_slots[p, who] = s[0], i[0]
-
-
-class _Partition:
-    """One partition of a key source, seen as a source of its own."""
-
-    def __init__(self, source: KeySource, partition: int) -> None:
-        self._source, self._p = source, partition
-        self.partitions, self.device, self.dtype = 1, source.device, source.dtype
-
-    def counts(self) -> np.ndarray:
-        return self._source.counts()[self._p:self._p + 1]
-
-    def blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        for first, keys, sqnorm in self._source.blocks(rows):
-            yield first, keys[self._p:self._p + 1], sqnorm[self._p:self._p + 1]
-
-    def gather(self, slots: torch.Tensor) -> torch.Tensor:
-        full = torch.full((self._source.partitions, *slots.shape[1:]), -1, dtype=slots.dtype, device=slots.device)
-        full[self._p] = slots[0]
-        return self._source.gather(full)[self._p:self._p + 1]
-
-    def max_sqnorm(self) -> torch.Tensor:
-        return self._source.max_sqnorm()[self._p:self._p + 1]
 
