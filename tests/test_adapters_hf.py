@@ -260,8 +260,6 @@ def test_save_load_in_new_process_continues_like_uninterrupted(tmp_path, backend
     options = high_recall(backend)
     if backend == "lmdb":
         options["path"] = str(tmp_path / "live")
-    if backend == "ivf":
-        options["query_sample"] = 0     # issue 13 left open: a reloaded ivf that learns from asked queries diverges
     model = tiny("qwen2")
     model.save_pretrained(tmp_path / "model")
     head, rest = tokens(2, 352), tokens(2, 24, seed=5)  # 352 rows: IVF (nlist 8) is trained when saved

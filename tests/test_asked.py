@@ -149,6 +149,28 @@ def test_save_and_load_keep_the_sample_the_hub_and_the_calibration(backend, data
                            store.search(queries, 10, **{store.param: 4}).ids)
 
 
+@pytest.mark.parametrize("backend", ["ivf", "hnsw"])
+def test_save_and_load_keep_every_partitions_sample_and_hub(backend, tmp_path):
+    small = ood(2000, 16, queries=40, asked=200, seed=8)
+    options = {"ivf": {"train_size": 1000, "nlist": 16}, "hnsw": {"ef_construction": 40}}[backend]
+    store = kvmem.create(backend, dim=small.dim, value_dim=1, partitions=2, dtype=torch.float32, **options)
+    halves = torch.from_numpy(small.base).view(2, -1, small.dim)
+    store.add(halves, torch.zeros(2, halves.shape[1], 1))
+    asked = torch.from_numpy(small.asked).view(2, -1, small.dim)
+    for lo in range(0, asked.shape[1], 25):
+        store.search(asked[:, lo:lo + 25], 32)
+    store._settle()
+    assert all(hub is not None for hub in store._hubs)                       # both partitions learned
+    store.save(tmp_path / "s")
+    with kvmem.load(tmp_path / "s") as loaded:
+        for p in range(2):
+            assert torch.equal(loaded._hubs[p].ids, store._hubs[p].ids), p
+            assert torch.equal(loaded._asked.sample(p), store._asked.sample(p)), p
+        queries = torch.from_numpy(small.queries).view(2, -1, small.dim)
+        loaded.freeze(), store.freeze()
+        assert torch.equal(loaded.search(queries, 10).ids, store.search(queries, 10).ids)
+
+
 def test_corrupt_samples_are_refused_in_a_child(data, tmp_path):
     from safetensors.torch import save_file
 

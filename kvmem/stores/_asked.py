@@ -56,7 +56,6 @@ class AskedQueries:
         self.fresh = np.zeros(partitions, np.int64)                       # taken since the last calibration
         self.frozen = False                                               # record nothing (AnnStore.freeze)
         self._seed = seed
-        self._rng = np.random.default_rng([seed, partitions, dim])     # for replace's subsample
         self._lock = threading.Lock()
 
     def record(self, queries: torch.Tensor) -> None:
@@ -97,8 +96,9 @@ class AskedQueries:
     def replace(self, p: int, queries: torch.Tensor) -> None:
         """Make ``queries (n, dim)`` partition p's sample (a seeded subsample when n > size)."""
         with self._lock:
-            if len(queries) > self.size:
-                keep = np.sort(self._rng.choice(len(queries), self.size, replace=False))
+            if len(queries) > self.size:                                  # seeded by what it is given, so a
+                rng = np.random.default_rng([self._seed, p, len(queries)])    # reloaded store draws the same
+                keep = np.sort(rng.choice(len(queries), self.size, replace=False))
                 queries = queries[torch.from_numpy(keep)]
             self.rows[p] = queries.float().clone()
             self.seen[p], self.fresh[p] = len(queries), len(self.rows[p])
@@ -155,9 +155,9 @@ def save_asked(store: AnnStore, directory: Path, tag: str) -> str:
                                             "fresh": torch.from_numpy(asked.fresh.copy())}
         for p in range(store.partitions):
             tensors[f"queries.p{p}"] = asked.rows[p].clone()
-        hub = store._hubs[p]
-        if hub is not None:
-            tensors[f"hub.queries.p{p}"], tensors[f"hub.ids.p{p}"] = hub.queries.contiguous(), hub.ids.contiguous()
+            hub = store._hubs[p]
+            if hub is not None:
+                tensors[f"hub.queries.p{p}"], tensors[f"hub.ids.p{p}"] = hub.queries.contiguous(), hub.ids.contiguous()
     name = f"asked.{tag}.safetensors"
     save_file(tensors, str(directory / name))
     return name
