@@ -297,6 +297,10 @@ class MemoryAttention(nn.Module):
         self.config = MemoryAttentionConfig(num_heads, k, positions, gate, scaling)
         if positions == "first" and rope is None:
             raise InvalidInputError('positions="first": expected a rope (Rotary), got None')
+        if rope is not None and not isinstance(rope, Rotary):
+            raise InvalidInputError(f"rope: expected a kvmem.adapters.Rotary (or None), got {type(rope).__name__}")
+        if rope is not None and rope.head_dim != getattr(store, "dim", rope.head_dim):
+            raise InvalidInputError(f"rope: expected head_dim {store.dim} (the store's dim), got {rope.head_dim}")
         self.store = store
         self.rope = rope
         self.gate = nn.Parameter(torch.zeros(num_heads)) if gate else None  # (H,) logits, sigmoid(0) = 0.5

@@ -215,6 +215,10 @@ def test_bad_inputs_raise_named_errors():
         MemoryAttention(store, num_heads=H, positions="first")
     with pytest.raises(InvalidInputError, match="positions"):
         MemoryAttention(store, num_heads=H, positions="relative")
+    with pytest.raises(InvalidInputError, match="rope: expected a kvmem.adapters.Rotary"):
+        MemoryAttention(store, num_heads=H, positions="first", rope="rope")            # found by the fuzz
+    with pytest.raises(InvalidInputError, match=f"rope: expected head_dim {D}"):
+        MemoryAttention(store, num_heads=H, positions="first", rope=RotaryEmbedding(D + 2))
     assert len(store) == 0
 
 

@@ -93,7 +93,7 @@ def test_every_package_folder_is_in_the_wheel():
     tomllib = pytest.importorskip("tomllib")   # Python 3.11+
     root = pathlib.Path(__file__).resolve().parents[1]
     tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = {"kvmem": pathlib.Path("kvmem")} | {name: pathlib.Path(path) for name, path in tool["package-dir"].items()}
+    folders = {"kvmem": "kvmem", **tool["package-dir"]}
     found = {".".join([name, *init.parent.relative_to(root / folder).parts])
              for name, folder in folders.items() for init in (root / folder).glob("**/__init__.py")}
     assert found and found == set(tool["packages"])

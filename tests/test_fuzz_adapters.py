@@ -69,14 +69,16 @@ def test_fuzz_memory_attention():
         draw = data.draw
         store = kvmem.create("exact", dim=D, value_dim=D, partitions=B * HKV, dtype=torch.float32)
         store.add(torch.randn(B * HKV, 5, D), torch.randn(B * HKV, 5, D))
-        kwargs = {"num_heads": draw(odd.scalars_or(st.just(H))), "k": draw(odd.scalars_or(st.one_of(st.integers(0, 6), st.just("all"), odd.names(["all"])))),
+        kwargs = {"num_heads": draw(odd.scalars_or(st.just(H))),
+                  "k": draw(odd.scalars_or(st.one_of(st.integers(0, 6), odd.names(["all"])))),
                   "positions": draw(odd.names(["absolute", "first", "none"])),
                   "gate": draw(odd.scalars_or(st.booleans())),
                   "scaling": draw(odd.scalars_or(st.one_of(st.none(), st.floats(0.01, 2)))),
                   "rope": draw(st.sampled_from([RotaryEmbedding(D), RotaryEmbedding(D), None, RotaryEmbedding(D + 2),
                                                 "rope"]))}
         hnsw = kvmem.create("hnsw", dim=D, value_dim=D, partitions=B * HKV)        # k="all" refuses it (no streaming)
-        given_store = draw(st.sampled_from([store] * 4 + [None, "exact", hnsw, kvmem.create("exact", dim=D, partitions=3)]))
+        other = kvmem.create("exact", dim=D, partitions=3)
+        given_store = draw(st.sampled_from([store] * 4 + [None, "exact", hnsw, other]))
         ok, attn = attempt("attention", describe("MemoryAttention", (given_store,), kwargs),
                            lambda: MemoryAttention(given_store, **kwargs))
         if not ok:
@@ -124,7 +126,8 @@ def test_fuzz_hf_attach_feed_load(llama):
     def run(data):
         draw = data.draw
         valid = {"backend": st.sampled_from(["exact", "hnsw"]), "layers": st.sampled_from(["all", [0], [1], [0, 1]]),
-                 "k": st.one_of(st.integers(0, 8), st.just("all")), "positions": st.sampled_from(["first", "absolute", "none"]),
+                 "k": st.one_of(st.integers(0, 8), st.just("all")),
+                 "positions": st.sampled_from(["first", "absolute", "none"]),
                  "store_options": st.sampled_from([None, {}, {"dtype": "float32"}, {"capacity": 5}]),
                  "chunk_size": st.sampled_from([None, 4, 8]), "search_options": st.sampled_from([None, {}])}
         bad = {"backend": odd.names(["exact"]), "layers": odd.scalars_or(st.sampled_from([[0, 0], [5], [], "0"])),

@@ -56,8 +56,8 @@ from kvmem.registry import registry
 from kvmem.testing import odd
 from kvmem.testing.checks import same, snapshot
 
-__all__ = ["Entry", "STORE_ENTRIES", "TUNING_ENTRIES", "StoreFuzz", "attempt", "fuzz_settings", "limited", "summary", "TALLY",
-           "FUZZ_LIMIT", "REFUSED_BYTES"]
+__all__ = ["Entry", "STORE_ENTRIES", "TUNING_ENTRIES", "StoreFuzz", "attempt", "fuzz_settings", "limited",
+           "summary", "TALLY", "FUZZ_LIMIT", "REFUSED_BYTES"]
 
 FUZZ_LIMIT = 16 << 20           # bytes: KVMEM_MAX_CALL_BYTES during a fuzz
 REFUSED_BYTES = 64 << 20        # bytes: the most a refused call may raise the process's peak memory
