@@ -1,9 +1,8 @@
 """One rank of the sharded-store tests: ``python tests/sharded_ranks.py OUT_DIR CHECK...`` under torchrun's env.
 
-Every rank runs the same checks in order and so creates and loads the same
-stores; on the driver (rank 0) a check uses its stores and asserts, the other
-ranks serve each store until the driver closes it. Each rank writes
-``OUT_DIR/rank-<r>.json``: per check, ``ok`` and the error (a traceback) or data.
+Every rank runs the same checks in order (these, and those of ``sharded_serving.py``;
+see ``sharded_support.py``). Each rank writes ``OUT_DIR/rank-<r>.json``: per
+check, ``ok``, the seconds it took, and the error (a traceback) or data.
 """
 
 from __future__ import annotations
@@ -15,71 +14,16 @@ import signal
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
+import sharded_serving  # noqa: F401 - registers its checks
 import torch
 import torch.distributed as dist
+from sharded_support import CHECKS, DRIVER, OUT, RANK, add_all, check, loaded, refused, same, sharded, twins
 
 import kvmem
 from kvmem.testing import BruteForceMemory, check_get, check_search, randn, snapshot
 from kvmem.testing.bad_inputs import BAD_CALLS
-
-OUT = Path(sys.argv[1])
-RANK = int(os.environ["RANK"])
-DRIVER = RANK == 0
-CHECKS = {}
-
-
-def check(fn):
-    CHECKS[fn.__name__] = fn
-    return fn
-
-
-def sharded(**kw):
-    """A sharded store on the driver; on the other ranks, serve it and return None."""
-    store = kvmem.create("sharded", **kw)
-    if DRIVER:
-        return store
-    store.serve()
-    return None
-
-
-def loaded(path):
-    store = kvmem.load(path)
-    if DRIVER:
-        return store
-    store.serve()
-    return None
-
-
-def twins(**kw):
-    """A sharded exact store, and (on the driver) one local exact store and the oracle with the same config."""
-    inner_options = kw.pop("inner_options", None)
-    store = sharded(inner="exact", inner_options=inner_options, **kw)
-    if store is None:
-        return None, None, None
-    local = kvmem.create("exact", **kw, **(inner_options or {}))
-    model = BruteForceMemory(kw["dim"], kw.get("value_dim", kw["dim"]), kw.get("partitions", 1),
-                             kw.get("metric", "ip"), kw.get("dtype", torch.float16), kw.get("capacity"))
-    return store, local, model
-
-
-def same(store, local, model, queries, k):
-    """The sharded answer is the local exact store's, bit for bit, and a correct one."""
-    a, b = store.search(queries, k), local.search(queries, k)
-    for name, x, y in zip(a._fields, a, b):
-        assert torch.equal(x, y), f"{name} differs from one exact store's: {x.flatten()[:6]} vs {y.flatten()[:6]}"
-    check_search(a, model, queries, k, exact=True)
-    assert [store.count(p) for p in range(store.partitions)] == [local.count(p) for p in range(local.partitions)]
-
-
-def add_all(stores, model, keys, values):
-    ids = [s.add(keys, values) for s in stores]
-    want = model.add(keys, values)
-    for got in ids:
-        np.testing.assert_array_equal(got.numpy(), want)
-    return ids[0]
 
 
 # ---------------------------------------------------------------------- checks
@@ -230,16 +174,6 @@ def memory_attention(data):
         assert len(store) == len(local) == 2 * 96
 
 
-def refused(call, *fragments, kind=kvmem.InvalidInputError):
-    """``call()`` raises ``kind`` (on every rank), with every fragment in its message."""
-    try:
-        call()
-    except kind as exc:
-        assert all(f in str(exc) for f in fragments), str(exc)
-    else:
-        raise AssertionError(f"no error; expected one saying {fragments}")
-
-
 @check
 def mismatched_create_is_refused(data):
     refused(lambda: kvmem.create("sharded", dim=8 if DRIVER else 9), "same arguments", "rank 1")
@@ -302,12 +236,13 @@ def main() -> None:
     torch.set_num_threads(1)
     results = {}
     for name in sys.argv[2:]:
-        data = {}
+        data, start = {}, time.monotonic()
         try:
             CHECKS[name](data)
             results[name] = {"ok": True, "data": data}
         except BaseException:  # noqa: BLE001 - reported to the test
             results[name] = {"ok": False, "error": traceback.format_exc(), "data": data}
+        results[name]["seconds"] = time.monotonic() - start
         (OUT / f"rank-{RANK}.json").write_text(json.dumps(results))
     if "lost_rank" not in sys.argv[2:]:       # a group with a dead rank is left to the process exit
         dist.destroy_process_group()
