@@ -251,6 +251,7 @@ class StoreFuzz:
                 if not ok:
                     after = self.observe(store, probe)
                     assert same(before, after), f"{self.backend}: {what} raised and changed the store"
+            self.observe(store, probe)                   # the last call, too, left the store consistent
         finally:
             store.close()
 
