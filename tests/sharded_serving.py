@@ -18,7 +18,6 @@ from sharded_support import DRIVER, OUT, add_all, check, driven, same
 
 import kvmem
 from kvmem.testing import BruteForceMemory, randn, snapshot
-from kvmem.testing.fuzz import STORE_ENTRIES, StoreFuzz
 
 
 @check
@@ -92,23 +91,29 @@ def _hf_attach(data):
         a.detach()
 
 
-class ShardedFuzz(StoreFuzz):
-    backend = "sharded"
-    options = {"inner": "exact", "timeout": 30.0}
-    examples = int(os.environ.get("KVMEM_FUZZ_EXAMPLES", 8))   # per store method
+def _fuzz():
+    """The fuzz suite over a sharded exact store (imported on the driver alone: hypothesis is slow to import)."""
+    from kvmem.testing.fuzz import StoreFuzz
 
-    def observe(self, store, probe):
-        shards = store.shard_counts()
-        assert sum(shards) == len(store), f"the shards hold {shards} rows; the driver counts {len(store)}"
-        return {**snapshot(store, probe, k=16), "shards": shards}
+    class ShardedFuzz(StoreFuzz):
+        backend = "sharded"
+        options = {"inner": "exact", "timeout": 30.0}
+        examples = int(os.environ.get("KVMEM_FUZZ_EXAMPLES", 6))   # per store method
+
+        def observe(self, store, probe):
+            shards = store.shard_counts()
+            assert sum(shards) == len(store), f"the shards hold {shards} rows; the driver counts {len(store)}"
+            return {**snapshot(store, probe, k=16), "shards": shards}
+
+    return ShardedFuzz()
 
 
 @check
 def fuzz_store_calls(data):
     def body(data):
-        from kvmem.testing.fuzz import TALLY
+        from kvmem.testing.fuzz import STORE_ENTRIES, TALLY
 
-        fuzz = ShardedFuzz()
+        fuzz = _fuzz()
         for entry in STORE_ENTRIES:         # each method its share of the draws, few as they are
             fuzz.entries = [entry]
             fuzz._run(fuzz.examples, fuzz.run_calls)

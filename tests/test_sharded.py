@@ -12,16 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import kvmem
 from kvmem.stores import sharded
+from kvmem.stores.sharded import ShardedStore
 from kvmem.stores.sharded.launch import launch
 from kvmem.stores.sharded.wire import message_device_type
 
 HERE = Path(__file__).parent
 FOUR = ["exact_identical", "exact_capacity_and_clear", "bad_input_changes_no_shard", "ivf_recall", "hnsw_recall",
         "save_then_load", "memory_attention", "lost_rank"]                           # lost_rank ends the group
-TWO = ["exact_identical", "one_partition_two_dimensional", "mismatched_create_is_refused",
+TWO = ["exact_identical_each_metric", "one_partition_two_dimensional", "mismatched_create_is_refused",
        "load_on_another_world_size", "damaged_shard_is_refused_on_every_rank", "stores_interleaved", "hf_attach",
        "fuzz_store_calls"]
 
@@ -117,6 +119,13 @@ def test_hf_attach_makes_a_sharded_store_per_layer_with_rows_on_every_rank(two):
                                              ("cuda:nccl", "cuda"), ("mpi", "cpu"), ("GLOO", "cpu")])
 def test_messages_travel_on_the_device_the_group_moves(backend, device):
     assert message_device_type(backend) == device       # nccl itself runs only where a GPU is (untested here)
+
+
+def test_a_cpu_only_inner_backend_refuses_a_cuda_device_before_any_communication():
+    options = {**ShardedStore.defaults, "inner": "hnsw"}
+    ShardedStore.check_options(options, torch.device("cpu"))
+    with pytest.raises(kvmem.InvalidInputError, match=r"inner='hnsw' lives on \['cpu'\]; got device cuda:0"):
+        ShardedStore.check_options(options, torch.device("cuda", 0))      # no CUDA call: checked by name
 
 
 def test_without_a_process_group_create_says_what_to_do():

@@ -134,6 +134,9 @@ class ShardedStore(MemoryStore):
             raise InvalidInputError(f"{inner} accepts options ({', '.join(sorted(inner_cls.defaults)) or 'none'}); "
                                     f"got {unknown[0]!r} in inner_options")
         inner_cls.check_options({**inner_cls.defaults, **given}, device)
+        if device.type not in inner_cls.devices:
+            raise InvalidInputError(f"sharded option inner={inner!r} lives on {sorted(inner_cls.devices)}; got device "
+                                    f"{device} (pass device='cpu', or store_options={{'device': 'cpu'}} to hf.attach)")
         driver, timeout = options["driver"], options["timeout"]
         if isinstance(driver, bool) or not isinstance(driver, int) or driver < 0:
             raise InvalidInputError(f"sharded option driver must be a rank (an int >= 0); got {driver!r}")
