@@ -2,6 +2,8 @@
 
 - ``stores_interleaved``: every rank creates two stores; the driver uses them
   in turn; ``store.serve()`` on a serving rank answers both.
+- ``refused_on_a_serving_rank``: a store only the driver could open is
+  refused on every rank, and the serving loop goes on.
 - ``hf_attach``: the serving ranks only ``serve()``; the driver's
   ``hf.attach(backend="sharded")`` opens a store per layer, saves and loads
   them, and answers as the same model with local ``exact`` stores.
@@ -14,9 +16,10 @@ from __future__ import annotations
 import os
 
 import torch
-from sharded_support import DRIVER, OUT, add_all, check, driven, same
+from sharded_support import DRIVER, OUT, add_all, check, driven, refused, same
 
 import kvmem
+from kvmem.inputs import LIMIT_ENV
 from kvmem.testing import BruteForceMemory, randn, snapshot
 
 
@@ -41,6 +44,26 @@ def stores_interleaved(data):
         add_all((b, lb), mb, randn(9, 1, 5, 6), randn(10, 1, 5, 3))   # a is closed: the serving ranks wait
         same(b, lb, mb, randn(11, 1, 5, 6), 50)                       # in b.serve() now
         data["b_shards"] = b.shard_counts()
+
+
+@check
+def refused_on_a_serving_rank(data):
+    """A store the driver may open but a serving rank may not: every rank raises, the loop serves on."""
+    if not DRIVER:
+        os.environ[LIMIT_ENV] = str(1 << 20)       # this rank allows 16 partitions of dim 8
+        try:
+            driven(None, data)
+        finally:
+            del os.environ[LIMIT_ENV]
+        return
+
+    def body(data):
+        refused(lambda: kvmem.create("sharded", dim=8, partitions=64), "rank 1", "over the limit")
+        with kvmem.create("sharded", dim=8, partitions=2, dtype=torch.float32) as store:
+            store.add(randn(0, 2, 10, 8), randn(1, 2, 10, 8))
+            assert store.shard_counts() == [10, 10] and store.search(randn(2, 2, 3, 8), 4).ids.min() >= 0
+
+    driven(body, data)
 
 
 def _tiny_llama():

@@ -24,7 +24,8 @@ HERE = Path(__file__).parent
 FOUR = ["exact_identical", "exact_capacity_and_clear", "bad_input_changes_no_shard", "ivf_recall", "hnsw_recall",
         "save_then_load", "memory_attention", "lost_rank"]                           # lost_rank ends the group
 TWO = ["exact_identical_each_metric", "one_partition_two_dimensional", "mismatched_create_is_refused",
-       "load_on_another_world_size", "damaged_shard_is_refused_on_every_rank", "stores_interleaved", "hf_attach",
+       "load_on_another_world_size", "damaged_shard_is_refused_on_every_rank", "stores_interleaved",
+       "refused_on_a_serving_rank", "hf_attach",
        "fuzz_store_calls"]
 
 pytestmark = pytest.mark.timeout(300)
