@@ -212,16 +212,18 @@ def lost_rank(data):
     pids = [None] * dist.get_world_size()
     dist.all_gather_object(pids, os.getpid())
     store = kvmem.create("sharded", dim=8, value_dim=4, partitions=2, dtype=torch.float32, timeout=5.0)
+    other = kvmem.create("sharded", dim=4, dtype=torch.float32, timeout=5.0)     # a second store on the group
     if not DRIVER:
         held = None
         try:
-            store.serve()
+            store.serve()                                                         # answers other's calls too
         except kvmem.KvmemError as exc:
             data["error"] = str(exc)
             held = len(store._shard.inner)
         data["held"] = held
         return
     store.add(randn(0, 2, 400, 8), randn(1, 2, 400, 4))
+    other.add(randn(5, 40, 4), randn(6, 40, 4))
     data["held_before"] = store.shard_counts()
     os.kill(pids[2], signal.SIGKILL)
     time.sleep(0.2)
@@ -238,7 +240,12 @@ def lost_rank(data):
         store.add(randn(3, 2, 4, 8), randn(4, 2, 4, 4))
     except kvmem.KvmemError as exc:
         data["after"] = str(exc)
-    store.close()
+    start = time.monotonic()
+    try:
+        other.search(randn(7, 2, 4), 3)               # the group is broken: refused at once, not after a timeout
+    except kvmem.KvmemError as exc:
+        data["other"], data["other_seconds"] = str(exc), time.monotonic() - start
+    store.close(), other.close()
 
 
 def main() -> None:

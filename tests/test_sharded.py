@@ -94,6 +94,7 @@ def test_a_killed_rank_is_named_within_the_timeout_and_the_living_keep_their_row
     driver = _outcome(four, 0, "lost_rank")
     assert "serving rank 2 is lost" in driver["error"] and driver["seconds"] < 5.0 + 2.0, driver
     assert "refuses further work" in driver["after"]
+    assert "refuses further work" in driver["other"] and driver["other_seconds"] < 1.0, driver   # same group
     assert driver["driver_held"] == driver["held_before"][0]
     for rank in (1, 3):     # their serve() raised: told by the driver, or seeing a connection drop
         served = _outcome(four, rank, "lost_rank")
