@@ -30,7 +30,8 @@ from kvmem.stores.sharded.wire import IDLE, Link, LostRankError
 if TYPE_CHECKING:
     from kvmem.stores.sharded.store import ShardedStore
 
-__all__ = ["Channel", "channel_of", "serve", "release", "serve_until", "join"]
+__all__ = ["Channel", "channel_of", "group_shape", "join", "release", "serve", "serve_until", "take_open",
+           "verdict_of"]
 
 Message = tuple[dict[str, Any], list[torch.Tensor]]
 _CHANNELS: dict[int, Channel] = {}
@@ -77,11 +78,37 @@ def leave(channel: Channel) -> None:
             del _CHANNELS[id(channel.pg)]
 
 
+# ---------------------------------------------------------------------- opening a store
 def join(link: Link, hello: dict[str, Any], tensors: list[torch.Tensor] = ()) -> dict[str, Any]:
     """A serving rank's side of an opening: report ``hello`` to the driver, return the driver's verdict."""
     link.settle(link.driver, link.post(link.driver, hello, list(tensors)), "hello", IDLE)
     verdict, _ = link.receive(link.driver, "hello", IDLE)
     return verdict
+
+
+def group_shape(group: Any, driver: int) -> tuple[int, int]:
+    """``(world size, this rank)`` of ``group``; raises when there is no process group or no such driver."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InvalidInputError("sharded needs an initialised torch.distributed process group: call "
+                                "torch.distributed.init_process_group (torchrun sets up its environment) "
+                                "on every rank before kvmem.create")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if rank < 0:
+        raise InvalidInputError("this process is not a member of the group given to the sharded store")
+    if driver >= world:
+        raise InvalidInputError(f"sharded option driver must be a rank of the group, in [0, {world}); got {driver}")
+    return world, rank
+
+
+def verdict_of(reports: dict[int, dict[str, Any]], driver: int) -> str | None:
+    """The first problem among the ranks' reports, naming the rank; None when all agree."""
+    for r, report in sorted(reports.items()):
+        if report["problem"]:
+            return f"sharded store: rank {r}: {report['problem']}"
+        if report["config"] != reports[driver]["config"]:
+            return (f"sharded store: every rank must call create with the same arguments; rank {r} has "
+                    f"{report['config']}, the driver (rank {driver}) has {reports[driver]['config']}")
+    return None
 
 
 # ---------------------------------------------------------------------- serving ranks
@@ -91,11 +118,9 @@ def serve(group: Any = None, driver: int = 0) -> None:
     For every rank but the driver. Stores this rank created itself are served too.
     Raises :class:`LostRankError` when the driver dies or tells of a rank it lost.
     """
-    if not (dist.is_available() and dist.is_initialized()):
-        raise InvalidInputError("sharded serve() needs an initialised torch.distributed process group")
-    if isinstance(driver, bool) or not isinstance(driver, int) or not 0 <= driver < dist.get_world_size(group):
-        raise InvalidInputError(f"driver must be a rank of the group, in [0, {dist.get_world_size(group)}); "
-                                f"got {driver!r}")
+    if isinstance(driver, bool) or not isinstance(driver, int) or driver < 0:
+        raise InvalidInputError(f"sharded serve(): driver must be a rank (an int >= 0); got {driver!r}")
+    group_shape(group, driver)
     channel = channel_of(group, driver)
     try:
         if channel.link.rank == driver:

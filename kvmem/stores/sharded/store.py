@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from kvmem import inputs, persist
 from kvmem.config import StoreConfig
@@ -48,7 +47,7 @@ from kvmem.idbook import AddPlan, RemovePlan
 from kvmem.registry import registry
 from kvmem.store import MemoryStore
 from kvmem.stores.sharded.merge import merge_topk, place_rows, split_ids
-from kvmem.stores.sharded.serving import channel_of, join, leave, serve_until, take_open
+from kvmem.stores.sharded.serving import channel_of, group_shape, join, leave, serve_until, take_open, verdict_of
 from kvmem.stores.sharded.shard import Shard
 from kvmem.stores.sharded.wire import Link, LostRankError
 
@@ -149,7 +148,7 @@ class ShardedStore(MemoryStore):
             raise InvalidInputError("sharded keeps its shards in RAM and takes no path; use save(path)")
         group = config.options["group"]
         config = dataclasses.replace(config, options={**config.options, "group": None})   # JSON-ready for a save
-        world, rank = _group_shape(group, config.options["driver"])
+        world, rank = group_shape(group, config.options["driver"])
         inner_cls = registry.resolve(config.options["inner"])
         inner_config = dataclasses.replace(config, capacity=None, options={
             **inner_cls.defaults, **(config.options["inner_options"] or {})})
@@ -165,7 +164,7 @@ class ShardedStore(MemoryStore):
         if not (isinstance(layout, dict) and isinstance(layout.get("world"), int)
                 and isinstance(layout.get("tag"), str) and len(layout["tag"]) == 12):
             raise CorruptStoreError("manifest.json: sharded must name the world size and the save's tag")
-        world, rank = _group_shape(None, config.options["driver"])
+        world, rank = group_shape(None, config.options["driver"])
         if world != layout["world"]:
             raise InvalidInputError(f"the save at {directory} holds {layout['world']} shards (world size "
                                     f"{layout['world']}); this process group has {world} ranks: load it on "
@@ -208,25 +207,36 @@ class ShardedStore(MemoryStore):
             ids_meta, ids = self._shard.handle({"op": "ids"}, [])
             mine = ({**mine[0], **ids_meta}, ids)
         reports = {link.driver: mine}
-        if link.rank != link.driver:
-            verdict = join(link, *mine)
-        else:
-            with link.lock:
-                self._number = next(channel.numbers)
-                opening = {"op": "open", "store": self._number, "config": config, "device": self.device.type, **how}
-                for r in link.servers:
-                    link.settle(r, link.post(r, opening), "open")
-                for r in link.servers:
-                    reports[r] = link.receive(r, "hello")
-                verdict = {"error": _verdict({r: meta for r, (meta, _) in reports.items()}, link.driver)}
-                for r in link.servers:
-                    link.settle(r, link.post(r, verdict), "hello")
+        try:
+            if link.rank != link.driver:
+                verdict = join(link, *mine)
+            else:
+                verdict = self._open_everywhere(config, how, reports)
+        except LostRankError:
+            self._finish()
+            raise
         if verdict["error"]:
             self._finish()
             kind = CorruptStoreError if "CorruptStoreError" in verdict["error"] else InvalidInputError
             raise kind(verdict["error"])
         channel.stores[self._number] = self
         return reports
+
+    def _open_everywhere(self, config: dict[str, Any], how: dict[str, str], reports: dict[int, Message]
+                         ) -> dict[str, Any]:
+        """The driver's side of an opening: number the store, tell every rank, gather ``reports``, answer."""
+        link = self._link
+        with link.lock:
+            self._number = next(self._channel.numbers)
+            opening = {"op": "open", "store": self._number, "config": config, "device": self.device.type, **how}
+            for r in link.servers:
+                link.settle(r, link.post(r, opening), "open")
+            for r in link.servers:
+                reports[r] = link.receive(r, "hello")
+            verdict = {"error": verdict_of({r: meta for r, (meta, _) in reports.items()}, link.driver)}
+            for r in link.servers:
+                link.settle(r, link.post(r, verdict), "hello")
+        return verdict
 
     def _restore_book(self, manifest: Mapping[str, Any], reports: dict[int, Message]) -> None:
         """Rebuild the driver's global id book from the ids every shard reported."""
@@ -382,28 +392,3 @@ def _padded(rows: list[np.ndarray], partitions: int) -> np.ndarray:
     for p, r in enumerate(rows):
         out[p, :len(r)] = r
     return out
-
-
-def _group_shape(group: Any, driver: int) -> tuple[int, int]:
-    """``(world size, this rank)`` of ``group``; raises when there is no process group or no such driver."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise InvalidInputError("sharded needs an initialised torch.distributed process group: call "
-                                "torch.distributed.init_process_group (torchrun sets up its environment) "
-                                "on every rank before kvmem.create")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if rank < 0:
-        raise InvalidInputError("this process is not a member of the group given to the sharded store")
-    if driver >= world:
-        raise InvalidInputError(f"sharded option driver must be a rank of the group, in [0, {world}); got {driver}")
-    return world, rank
-
-
-def _verdict(reports: dict[int, dict[str, Any]], driver: int) -> str | None:
-    """The first problem among the ranks' reports, naming the rank; None when all agree."""
-    for r, report in sorted(reports.items()):
-        if report["problem"]:
-            return f"sharded store: rank {r}: {report['problem']}"
-        if report["config"] != reports[driver]["config"]:
-            return (f"sharded store: every rank must call create with the same arguments; rank {r} has "
-                    f"{report['config']}, the driver (rank {driver}) has {reports[driver]['config']}")
-    return None
