@@ -1,9 +1,8 @@
 """One rank of the sharded-store tests: ``python tests/sharded_ranks.py OUT_DIR CHECK...`` under torchrun's env.
 
-Every rank runs the same checks in order and so creates and loads the same
-stores; on the driver (rank 0) a check uses its stores and asserts, the other
-ranks serve each store until the driver closes it. Each rank writes
-``OUT_DIR/rank-<r>.json``: per check, ``ok`` and the error (a traceback) or data.
+Every rank runs the same checks in order (these, and those of ``sharded_serving.py``;
+see ``sharded_support.py``). Each rank writes ``OUT_DIR/rank-<r>.json``: per
+check, ``ok``, the seconds it took, and the error (a traceback) or data.
 """
 
 from __future__ import annotations
@@ -15,90 +14,45 @@ import signal
 import sys
 import time
 import traceback
-from pathlib import Path
 
 import numpy as np
+import sharded_serving  # noqa: F401 - registers its checks
 import torch
 import torch.distributed as dist
+from sharded_support import CHECKS, DRIVER, OUT, RANK, add_all, check, loaded, refused, same, sharded, twins
 
 import kvmem
 from kvmem.testing import BruteForceMemory, check_get, check_search, randn, snapshot
 from kvmem.testing.bad_inputs import BAD_CALLS
 
-OUT = Path(sys.argv[1])
-RANK = int(os.environ["RANK"])
-DRIVER = RANK == 0
-CHECKS = {}
-
-
-def check(fn):
-    CHECKS[fn.__name__] = fn
-    return fn
-
-
-def sharded(**kw):
-    """A sharded store on the driver; on the other ranks, serve it and return None."""
-    store = kvmem.create("sharded", **kw)
-    if DRIVER:
-        return store
-    store.serve()
-    return None
-
-
-def loaded(path):
-    store = kvmem.load(path)
-    if DRIVER:
-        return store
-    store.serve()
-    return None
-
-
-def twins(**kw):
-    """A sharded exact store, and (on the driver) one local exact store and the oracle with the same config."""
-    inner_options = kw.pop("inner_options", None)
-    store = sharded(inner="exact", inner_options=inner_options, **kw)
-    if store is None:
-        return None, None, None
-    local = kvmem.create("exact", **kw, **(inner_options or {}))
-    model = BruteForceMemory(kw["dim"], kw.get("value_dim", kw["dim"]), kw.get("partitions", 1),
-                             kw.get("metric", "ip"), kw.get("dtype", torch.float16), kw.get("capacity"))
-    return store, local, model
-
-
-def same(store, local, model, queries, k):
-    """The sharded answer is the local exact store's, bit for bit, and a correct one."""
-    a, b = store.search(queries, k), local.search(queries, k)
-    for name, x, y in zip(a._fields, a, b):
-        assert torch.equal(x, y), f"{name} differs from one exact store's: {x.flatten()[:6]} vs {y.flatten()[:6]}"
-    check_search(a, model, queries, k, exact=True)
-    assert [store.count(p) for p in range(store.partitions)] == [local.count(p) for p in range(local.partitions)]
-
-
-def add_all(stores, model, keys, values):
-    ids = [s.add(keys, values) for s in stores]
-    want = model.add(keys, values)
-    for got in ids:
-        np.testing.assert_array_equal(got.numpy(), want)
-    return ids[0]
-
-
 # ---------------------------------------------------------------------- checks
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 @check
 def exact_identical(data):
-    for metric in ("ip", "l2", "cos"):
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            store, local, model = twins(dim=16, value_dim=4, partitions=2, metric=metric, dtype=dtype)
-            if store is None:
-                continue
-            with store, local:
-                add_all((store, local), model, randn(1, 2, 300, 16), randn(2, 2, 300, 4))
-                add_all((store, local), model, randn(3, 2, 7, 16), randn(4, 2, 7, 4))
-                gone = np.array([[0, 5, 299, -1], [10, 11, 12, 13]])
-                store.remove(gone), local.remove(gone), model.remove(gone)
-                same(store, local, model, randn(5, 2, 20, 16), 10)
-                same(store, local, model, randn(6, 2, 3, 16), 400)          # k past the rows held: padding
-                ids = np.array([[3, -1, 306, 1], [7, 7, -1, 300]])
-                check_get(*store.get(ids), model, ids)
+    _identical([(metric, dtype) for metric in ("ip", "l2", "cos") for dtype in DTYPES])
+
+
+@check
+def exact_identical_each_metric(data):
+    _identical(list(zip(("ip", "l2", "cos"), DTYPES)))   # every metric and dtype once: the grid runs on 4 ranks
+
+
+def _identical(cases):
+    for metric, dtype in cases:
+        store, local, model = twins(dim=16, value_dim=4, partitions=2, metric=metric, dtype=dtype)
+        if store is None:
+            continue
+        with store, local:
+            add_all((store, local), model, randn(1, 2, 300, 16), randn(2, 2, 300, 4))
+            add_all((store, local), model, randn(3, 2, 7, 16), randn(4, 2, 7, 4))
+            gone = np.array([[0, 5, 299, -1], [10, 11, 12, 13]])
+            store.remove(gone), local.remove(gone), model.remove(gone)
+            same(store, local, model, randn(5, 2, 20, 16), 10)
+            same(store, local, model, randn(6, 2, 3, 16), 400)          # k past the rows held: padding
+            ids = np.array([[3, -1, 306, 1], [7, 7, -1, 300]])
+            check_get(*store.get(ids), model, ids)
 
 
 @check
@@ -145,8 +99,8 @@ def bad_input_changes_no_shard(data):
         store.add(randn(0, 2, 40, 8), randn(1, 2, 40, 4))
         store.remove(np.array([[12], [-1]]))
         queries = randn(2, 2, 6, 8)
+        before, shards = snapshot(store, queries), store.shard_counts()    # what every refused call must keep
         for name, call, message in BAD_CALLS:
-            before, shards = snapshot(store, queries), store.shard_counts()
             try:
                 call(store)
             except kvmem.InvalidInputError as exc:
@@ -168,7 +122,7 @@ def _recall(inner, inner_options, threshold, data):
         return
     with store:
         model = BruteForceMemory(16, 4, 2, "ip", torch.float32)
-        for seed in range(4):
+        for seed in range(2):
             keys, values = randn(seed, 2, 1000, 16), randn(seed + 50, 2, 1000, 4)
             store.add(keys, values)
             model.add(keys, values)
@@ -230,16 +184,6 @@ def memory_attention(data):
         assert len(store) == len(local) == 2 * 96
 
 
-def refused(call, *fragments, kind=kvmem.InvalidInputError):
-    """``call()`` raises ``kind`` (on every rank), with every fragment in its message."""
-    try:
-        call()
-    except kind as exc:
-        assert all(f in str(exc) for f in fragments), str(exc)
-    else:
-        raise AssertionError(f"no error; expected one saying {fragments}")
-
-
 @check
 def mismatched_create_is_refused(data):
     refused(lambda: kvmem.create("sharded", dim=8 if DRIVER else 9), "same arguments", "rank 1")
@@ -268,16 +212,18 @@ def lost_rank(data):
     pids = [None] * dist.get_world_size()
     dist.all_gather_object(pids, os.getpid())
     store = kvmem.create("sharded", dim=8, value_dim=4, partitions=2, dtype=torch.float32, timeout=5.0)
+    other = kvmem.create("sharded", dim=4, dtype=torch.float32, timeout=5.0)     # a second store on the group
     if not DRIVER:
         held = None
         try:
-            store.serve()
+            store.serve()                                                         # answers other's calls too
         except kvmem.KvmemError as exc:
             data["error"] = str(exc)
             held = len(store._shard.inner)
         data["held"] = held
         return
     store.add(randn(0, 2, 400, 8), randn(1, 2, 400, 4))
+    other.add(randn(5, 40, 4), randn(6, 40, 4))
     data["held_before"] = store.shard_counts()
     os.kill(pids[2], signal.SIGKILL)
     time.sleep(0.2)
@@ -294,7 +240,12 @@ def lost_rank(data):
         store.add(randn(3, 2, 4, 8), randn(4, 2, 4, 4))
     except kvmem.KvmemError as exc:
         data["after"] = str(exc)
-    store.close()
+    start = time.monotonic()
+    try:
+        other.search(randn(7, 2, 4), 3)               # the group is broken: refused at once, not after a timeout
+    except kvmem.KvmemError as exc:
+        data["other"], data["other_seconds"] = str(exc), time.monotonic() - start
+    store.close(), other.close()
 
 
 def main() -> None:
@@ -302,12 +253,13 @@ def main() -> None:
     torch.set_num_threads(1)
     results = {}
     for name in sys.argv[2:]:
-        data = {}
+        data, start = {}, time.monotonic()
         try:
             CHECKS[name](data)
             results[name] = {"ok": True, "data": data}
         except BaseException:  # noqa: BLE001 - reported to the test
             results[name] = {"ok": False, "error": traceback.format_exc(), "data": data}
+        results[name]["seconds"] = time.monotonic() - start
         (OUT / f"rank-{RANK}.json").write_text(json.dumps(results))
     if "lost_rank" not in sys.argv[2:]:       # a group with a dead rank is left to the process exit
         dist.destroy_process_group()

@@ -12,15 +12,21 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import kvmem
+from kvmem.stores import sharded
+from kvmem.stores.sharded import ShardedStore
 from kvmem.stores.sharded.launch import launch
+from kvmem.stores.sharded.wire import message_device_type
 
 HERE = Path(__file__).parent
 FOUR = ["exact_identical", "exact_capacity_and_clear", "bad_input_changes_no_shard", "ivf_recall", "hnsw_recall",
         "save_then_load", "memory_attention", "lost_rank"]                           # lost_rank ends the group
-TWO = ["exact_identical", "one_partition_two_dimensional", "mismatched_create_is_refused",
-       "load_on_another_world_size", "damaged_shard_is_refused_on_every_rank"]
+TWO = ["exact_identical_each_metric", "one_partition_two_dimensional", "mismatched_create_is_refused",
+       "load_on_another_world_size", "damaged_shard_is_refused_on_every_rank", "stores_interleaved",
+       "refused_on_a_serving_rank", "hf_attach",
+       "fuzz_store_calls"]
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -88,6 +94,7 @@ def test_a_killed_rank_is_named_within_the_timeout_and_the_living_keep_their_row
     driver = _outcome(four, 0, "lost_rank")
     assert "serving rank 2 is lost" in driver["error"] and driver["seconds"] < 5.0 + 2.0, driver
     assert "refuses further work" in driver["after"]
+    assert "refuses further work" in driver["other"] and driver["other_seconds"] < 1.0, driver   # same group
     assert driver["driver_held"] == driver["held_before"][0]
     for rank in (1, 3):     # their serve() raised: told by the driver, or seeing a connection drop
         served = _outcome(four, rank, "lost_rank")
@@ -97,9 +104,38 @@ def test_a_killed_rank_is_named_within_the_timeout_and_the_living_keep_their_row
     assert four[2]["returncode"] == -9
 
 
+def test_a_sharded_fuzz_call_succeeds_or_is_refused_and_changes_nothing(two):
+    from kvmem.testing.fuzz import TALLY
+
+    tally = _outcome(two, 0, "fuzz_store_calls")["tally"]
+    TALLY["sharded"].update(tally)                      # printed with the other backends' at the end of the run
+    assert tally.get("escapes", 0) == 0 and tally["errors"] > 0 and tally["accepted"] > 0, tally
+
+
+def test_hf_attach_makes_a_sharded_store_per_layer_with_rows_on_every_rank(two):
+    counts = _outcome(two, 0, "hf_attach")["shard_counts"]
+    assert sorted(counts) == ["0", "1"] and all(min(c) > 0 for c in counts.values()), counts
+
+
+@pytest.mark.parametrize("backend, device", [("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"), ("nccl", "cuda"),
+                                             ("cuda:nccl", "cuda"), ("mpi", "cpu"), ("GLOO", "cpu")])
+def test_messages_travel_on_the_device_the_group_moves(backend, device):
+    assert message_device_type(backend) == device       # nccl itself runs only where a GPU is (untested here)
+
+
+def test_a_cpu_only_inner_backend_refuses_a_cuda_device_before_any_communication():
+    options = {**ShardedStore.defaults, "inner": "hnsw"}
+    ShardedStore.check_options(options, torch.device("cpu"))
+    with pytest.raises(kvmem.InvalidInputError, match=r"inner='hnsw' lives on \['cpu'\]; got device cuda:0"):
+        ShardedStore.check_options(options, torch.device("cuda", 0))      # no CUDA call: checked by name
+
+
 def test_without_a_process_group_create_says_what_to_do():
     with pytest.raises(kvmem.InvalidInputError, match="init_process_group"):
         kvmem.create("sharded", dim=8)
+    for call in (sharded.serve, sharded.release):
+        with pytest.raises(kvmem.InvalidInputError, match="process group"):
+            call()
 
 
 @pytest.mark.parametrize("options, message", [

@@ -247,6 +247,11 @@ class StoreFuzz:
             return self.entries
         return STORE_ENTRIES + (TUNING_ENTRIES if hasattr(registry[self.backend], "calibrate") else [])
 
+    def observe(self, store: kvmem.MemoryStore, probe: torch.Tensor) -> dict[str, Any]:
+        """What a refused call must leave as it was (:func:`~kvmem.testing.checks.snapshot`); a backend
+        with state of its own beyond the store's answers adds it."""
+        return snapshot(store, probe, k=16)
+
     def run_calls(self, root: Path, data: st.DataObject) -> None:
         draw = data.draw
         store = self.new_store(root, draw(st.sampled_from([1, 2])), draw(st.sampled_from(["ip", "l2", "cos"])),
@@ -257,12 +262,13 @@ class StoreFuzz:
             for _ in range(data.draw(st.integers(1, 4))):
                 entry = data.draw(st.sampled_from(self.store_entries()))
                 args = data.draw(entry.args(store, root))
-                before = snapshot(store, probe, k=16)
+                before = self.observe(store, probe)
                 what = describe(f"{self.backend}.{entry.name}", *args)
                 ok, _ = attempt(self.backend, what, functools.partial(entry.call, store, args))
                 if not ok:
-                    after = snapshot(store, probe, k=16)
+                    after = self.observe(store, probe)
                     assert same(before, after), f"{self.backend}: {what} raised and changed the store"
+            self.observe(store, probe)                   # the last call, too, left the store consistent
         finally:
             store.close()
 

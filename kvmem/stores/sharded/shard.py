@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kvmem import persist
-from kvmem.errors import CorruptStoreError, KvmemError
+from kvmem.errors import CorruptStoreError, KvmemError, path_error
 from kvmem.store import MemoryStore
 
 __all__ = ["Shard", "shard_dir", "local_next"]
@@ -61,11 +61,11 @@ class Shard:
     # ------------------------------------------------------------------ operations
     def handle(self, meta: dict[str, Any], tensors: list[torch.Tensor]) -> tuple[dict[str, Any], list[torch.Tensor]]:
         """Run one operation; answer ``({"ok": True, "busy": seconds, ...}, tensors)``, or ``ok: False``
-        with the error's type and message when the inner store raised."""
+        with the error's type and message when it raised: a shard never lets an error end its rank's loop."""
         start = time.perf_counter()
         try:
             extra, out = getattr(self, "_" + meta["op"])(meta, *tensors)
-        except KvmemError as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to the driver, which raises it
             extra, out = {"ok": False, "error": type(exc).__name__, "message": str(exc)}, []
         return {"ok": True, **extra, "busy": time.perf_counter() - start}, out
 
@@ -115,7 +115,10 @@ class Shard:
 
     def _save(self, meta: dict[str, Any]) -> tuple[dict[str, Any], list[torch.Tensor]]:
         path = Path(meta["path"])          # the driver checked it is free or a save
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:             # a file on the way, no permission, a full disk (on this rank)
+            raise path_error(exc, f"rank {self.rank} cannot save to {path}") from exc
         self.inner.save(shard_dir(path, self.rank, meta["tag"]))
         return {}, []
 

@@ -4,7 +4,9 @@ Every rank calls ``kvmem.create("sharded", inner=..., ...)`` with the same
 arguments and holds a shard of every partition in an ``inner`` store (an in-RAM
 backend: exact, ivf, hnsw; ``inner_options`` per shard). The ``driver`` rank (0 by default)
 uses the store as a local one; the others call ``store.serve()``, which
-returns when the driver closes the store.
+returns when the driver closes the store. Or the serving ranks run
+:func:`~kvmem.stores.sharded.serving.serve` alone, and the driver creates
+and loads stores by itself (any number per group; see ``serving``).
 
 - Ids are global, issued by the driver (its :class:`IdBook` also plans FIFO
   eviction over the whole partition); id ``g`` lives on rank ``g % world``,
@@ -13,8 +15,8 @@ returns when the driver closes the store.
   the driver merges the top-k (scores, ids, keys, values). An ``exact``
   inner store gives exactly one ``exact`` store's answer.
 - Every argument is validated on the driver before any shard changes.
-- Messages are point-to-point on ``group`` (default: the world group):
-  gloo for CPU tensors, nccl for CUDA. A rank that dies or does not answer
+- Messages are point-to-point on ``group`` (default: the world group), each
+  naming its store: gloo for CPU tensors, nccl for CUDA. A rank that dies or does not answer
   within ``timeout`` seconds raises :class:`~kvmem.stores.sharded.wire.LostRankError`
   (a ``KvmemError``) naming it on the driver; the living ranks keep every row
   they acknowledged (their ``serve()`` raises), and the store refuses further work.
@@ -37,22 +39,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from kvmem import persist
+from kvmem import inputs, persist
 from kvmem.config import StoreConfig
-from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError
+from kvmem.errors import CorruptStoreError, InvalidInputError, KvmemError, StoreFullError, path_error
 from kvmem.idbook import AddPlan, RemovePlan
 from kvmem.registry import registry
 from kvmem.store import MemoryStore
 from kvmem.stores.sharded.merge import merge_topk, place_rows, split_ids
+from kvmem.stores.sharded.serving import channel_of, group_shape, join, leave, serve_until, take_open, verdict_of
 from kvmem.stores.sharded.shard import Shard
-from kvmem.stores.sharded.wire import IDLE, Link, LostRankError
+from kvmem.stores.sharded.wire import Link, LostRankError
 
 __all__ = ["ShardedStore"]
 
 Message = tuple[dict[str, Any], list[torch.Tensor]]
-_GROUPS_IN_USE: set[int] = set()   # one sharded store per group at a time: their messages would mix
+_KINDS = {kind.__name__: kind for kind in (InvalidInputError, StoreFullError, CorruptStoreError)}  # a shard's error
 
 
 class ShardedStore(MemoryStore):
@@ -61,15 +63,14 @@ class ShardedStore(MemoryStore):
 
     def __init__(self, config: StoreConfig, device: torch.device, group: Any, shard: Shard) -> None:
         super().__init__(config, device)
-        key = id(group if group is not None else dist.group.WORLD)
-        if key in _GROUPS_IN_USE:
+        try:
+            self._channel = channel_of(group, config.options["driver"])
+        except InvalidInputError:
             shard.inner.close()
-            raise InvalidInputError("another sharded store is open on this process group: close it first, or give "
-                                    "each store a group of its own (group=torch.distributed.new_group(...))")
-        _GROUPS_IN_USE.add(key)
-        self._group_key = key
-        self._link = Link(group, config.options["driver"], float(config.options["timeout"]))
+            raise
+        self._link = Link(group, config.options["driver"], float(config.options["timeout"]), self._channel.lock)
         self._shard = shard
+        self._number: int | None = None        # the driver's order of opening: what its messages name
         self._lost: LostRankError | None = None
         self.search_params = type(shard.inner).search_params
 
@@ -132,6 +133,9 @@ class ShardedStore(MemoryStore):
             raise InvalidInputError(f"{inner} accepts options ({', '.join(sorted(inner_cls.defaults)) or 'none'}); "
                                     f"got {unknown[0]!r} in inner_options")
         inner_cls.check_options({**inner_cls.defaults, **given}, device)
+        if device.type not in inner_cls.devices:
+            raise InvalidInputError(f"sharded option inner={inner!r} lives on {sorted(inner_cls.devices)}; got device "
+                                    f"{device} (pass device='cpu', or store_options={{'device': 'cpu'}} to hf.attach)")
         driver, timeout = options["driver"], options["timeout"]
         if isinstance(driver, bool) or not isinstance(driver, int) or driver < 0:
             raise InvalidInputError(f"sharded option driver must be a rank (an int >= 0); got {driver!r}")
@@ -144,13 +148,13 @@ class ShardedStore(MemoryStore):
             raise InvalidInputError("sharded keeps its shards in RAM and takes no path; use save(path)")
         group = config.options["group"]
         config = dataclasses.replace(config, options={**config.options, "group": None})   # JSON-ready for a save
-        world, rank = _group_shape(group, config.options["driver"])
+        world, rank = group_shape(group, config.options["driver"])
         inner_cls = registry.resolve(config.options["inner"])
         inner_config = dataclasses.replace(config, capacity=None, options={
             **inner_cls.defaults, **(config.options["inner_options"] or {})})
         shard = Shard(inner_cls._create(inner_config, device, None), rank, world)
         store = cls(config, device, group, shard)
-        store._handshake(config.to_dict())
+        store._handshake(config.to_dict(), {"how": "create"})
         return store
 
     @classmethod
@@ -160,7 +164,7 @@ class ShardedStore(MemoryStore):
         if not (isinstance(layout, dict) and isinstance(layout.get("world"), int)
                 and isinstance(layout.get("tag"), str) and len(layout["tag"]) == 12):
             raise CorruptStoreError("manifest.json: sharded must name the world size and the save's tag")
-        world, rank = _group_shape(None, config.options["driver"])
+        world, rank = group_shape(None, config.options["driver"])
         if world != layout["world"]:
             raise InvalidInputError(f"the save at {directory} holds {layout['world']} shards (world size "
                                     f"{layout['world']}); this process group has {world} ranks: load it on "
@@ -175,7 +179,7 @@ class ShardedStore(MemoryStore):
             shard = Shard(inner_cls._create(dataclasses.replace(config, capacity=None, options=inner_cls.defaults),
                                             device, None), rank, world)
         store = cls(config, device, None, shard)
-        reports = store._handshake(config.to_dict(), problem, with_ids=True)
+        reports = store._handshake(config.to_dict(), {"how": "load", "path": str(directory)}, problem, with_ids=True)
         if store.rank == store.driver:
             try:
                 store._restore_book(manifest, reports)
@@ -184,31 +188,55 @@ class ShardedStore(MemoryStore):
                 raise
         return store
 
-    def _handshake(self, config: dict[str, Any], problem: KvmemError | None = None,
+    def _handshake(self, config: dict[str, Any], how: dict[str, str], problem: KvmemError | None = None,
                    with_ids: bool = False) -> dict[int, Message]:
-        """Every rank reports its config, any problem opening its shard and (``with_ids``) the ids it holds
-        to the driver, which answers every rank with one verdict: all raise the same error, or none does."""
-        link = self._link
+        """The opening of a store on every rank, ``how`` it opens (``{"how": "create"}`` or ``"load"`` and the
+        path). The driver tells every serving rank (which opens its shard now if it runs :func:`serve`);
+        each reports its config, any problem opening its shard and (``with_ids``) the ids it holds; the
+        driver answers every rank with one verdict: all raise the same error, or none does."""
+        link, channel = self._link, self._channel
         mine = ({"op": "hello", "config": config, "problem": None if problem is None else
                  f"{type(problem).__name__}: {problem}"}, [])
-        if with_ids and problem is None:
+        if link.rank != link.driver:
+            opening, _ = take_open(channel)
+            self._number = opening["store"]
+            if problem is None and opening["how"] != how["how"]:
+                mine[0]["problem"] = f"KvmemError: the driver {opening['how']}s this store; rank {link.rank} " \
+                                     f"{how['how']}s it"
+        if with_ids and mine[0]["problem"] is None:
             ids_meta, ids = self._shard.handle({"op": "ids"}, [])
             mine = ({**mine[0], **ids_meta}, ids)
         reports = {link.driver: mine}
-        if link.rank != link.driver:
-            link.settle(link.driver, link.post(link.driver, *mine), "hello", IDLE)
-            verdict, _ = link.receive(link.driver, "hello", IDLE)
-        else:
-            for r in link.servers:
-                reports[r] = link.receive(r, "hello")
-            verdict = {"error": _verdict({r: meta for r, (meta, _) in reports.items()}, link.driver)}
-            for r in link.servers:
-                link.settle(r, link.post(r, verdict), "hello")
+        try:
+            if link.rank != link.driver:
+                verdict = join(link, *mine)
+            else:
+                verdict = self._open_everywhere(config, how, reports)
+        except LostRankError:
+            self._finish()
+            raise
         if verdict["error"]:
             self._finish()
             kind = CorruptStoreError if "CorruptStoreError" in verdict["error"] else InvalidInputError
             raise kind(verdict["error"])
+        channel.stores[self._number] = self
         return reports
+
+    def _open_everywhere(self, config: dict[str, Any], how: dict[str, str], reports: dict[int, Message]
+                         ) -> dict[str, Any]:
+        """The driver's side of an opening: number the store, tell every rank, gather ``reports``, answer."""
+        link = self._link
+        with link.lock:
+            self._number = next(self._channel.numbers)
+            opening = {"op": "open", "store": self._number, "config": config, "device": self.device.type, **how}
+            for r in link.servers:
+                link.settle(r, link.post(r, opening), "open")
+            for r in link.servers:
+                reports[r] = link.receive(r, "hello")
+            verdict = {"error": verdict_of({r: meta for r, (meta, _) in reports.items()}, link.driver)}
+            for r in link.servers:
+                link.settle(r, link.post(r, verdict), "hello")
+        return verdict
 
     def _restore_book(self, manifest: Mapping[str, Any], reports: dict[int, Message]) -> None:
         """Rebuild the driver's global id book from the ids every shard reported."""
@@ -236,17 +264,7 @@ class ShardedStore(MemoryStore):
         if link.rank == link.driver:
             raise KvmemError(f"rank {link.rank} drives this sharded store: it uses it, the other ranks serve()")
         MemoryStore._check_open(self)
-        while True:
-            meta, tensors = link.receive(link.driver, None, IDLE)
-            if meta["op"] == "abort":
-                self._finish(close_inner=False)
-                raise LostRankError(meta["rank"], meta["message"] + f" (rank {link.rank} keeps its "
-                                    f"{len(self._shard.inner)} rows)")
-            answer = self._shard.handle(meta, [t.to(self.device) for t in tensors])
-            link.settle(link.driver, link.post(link.driver, *answer), meta["op"], IDLE)   # the driver keeps time
-            if meta["op"] == "close":
-                self._finish()
-                return
+        serve_until(self._channel, store=self)
 
     # ------------------------------------------------------------------ the driving side
     def _check_open(self) -> None:
@@ -261,20 +279,23 @@ class ShardedStore(MemoryStore):
 
         ``args`` go to every rank, ``tensors[rank]`` and ``metas[rank]`` to one.
         """
-        if self._lost is not None:
-            raise LostRankError(self._lost.rank, f"{self._lost}; the store refuses further work")
+        lost = self._lost or self._channel.lost
+        if lost is not None:
+            raise LostRankError(lost.rank, f"{lost}; the store refuses further work")
         link = self._link
         tensors, metas = tensors or {}, metas or {}
-        requests = {r: ({"op": op, **args, **metas.get(r, {})}, tensors.get(r, [])) for r in range(self.world)}
+        requests = {r: ({"op": op, "store": self._number, **args, **metas.get(r, {})}, tensors.get(r, []))
+                    for r in range(self.world)}
         try:
             answers = link.exchange(requests, lambda: self._shard.handle(*requests[link.driver]))
         except LostRankError as exc:
-            self._lost = exc
+            self._lost = self._channel.lost = exc     # the group is broken for every store on it
             self._abort(exc)
             raise
         for r, (reply, _) in sorted(answers.items()):
             if not reply["ok"]:
-                raise KvmemError(f"sharded store: rank {r} failed {op!r}: {reply['error']}: {reply['message']}")
+                kind = _KINDS.get(reply["error"], KvmemError)
+                raise kind(f"sharded store: rank {r} failed {op!r}: {reply['error']}: {reply['message']}")
         return answers
 
     def _abort(self, lost: LostRankError) -> None:
@@ -283,7 +304,8 @@ class ShardedStore(MemoryStore):
         for r in link.servers:
             if r != lost.rank:
                 try:
-                    link.settle(r, link.post(r, {"op": "abort", "rank": lost.rank, "message": str(lost)}), "abort",
+                    link.settle(r, link.post(r, {"op": "abort", "store": self._number, "rank": lost.rank,
+                                                 "message": str(lost)}), "abort",
                                 datetime.timedelta(seconds=min(5.0, link.timeout)))
                 except LostRankError:
                     pass
@@ -328,8 +350,11 @@ class ShardedStore(MemoryStore):
     def save(self, path: Any) -> None:
         """Every rank writes its shard, then the same manifest; the previous save goes only after both."""
         self._check_open()
-        path = Path(path).absolute()
-        persist.check_target(path)
+        path = inputs.path(path, "save path").absolute()
+        try:
+            persist.check_target(path)
+        except OSError as exc:                        # a name too long, no permission
+            raise path_error(exc, f"cannot save to {path}") from exc
         tag = secrets.token_hex(6)
         with self._lock.read():
             self._call("save", path=str(path), tag=tag)
@@ -344,18 +369,21 @@ class ShardedStore(MemoryStore):
         if self._closed:
             return
         try:
-            if self._link.rank == self._link.driver and self._lost is None:
+            if self._link.rank == self._link.driver and self._lost is None and self._channel.lost is None:
                 with self._lock.write():
                     self._call("close")
         finally:
             self._finish()
 
     def _finish(self, close_inner: bool = True) -> None:
-        """This rank is done with the store; its group is free for another (a lost rank's shard stays readable)."""
+        """This rank is done with the store (a lost rank's shard stays readable)."""
         if close_inner:
             self._shard.inner.close()
-        self._closed = True
-        _GROUPS_IN_USE.discard(self._group_key)
+        if not self._closed:
+            self._closed = True
+            if self._channel.stores.get(self._number) is self:
+                del self._channel.stores[self._number]
+            leave(self._channel)
 
 
 def _padded(rows: list[np.ndarray], partitions: int) -> np.ndarray:
@@ -364,28 +392,3 @@ def _padded(rows: list[np.ndarray], partitions: int) -> np.ndarray:
     for p, r in enumerate(rows):
         out[p, :len(r)] = r
     return out
-
-
-def _group_shape(group: Any, driver: int) -> tuple[int, int]:
-    """``(world size, this rank)`` of ``group``; raises when there is no process group or no such driver."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise InvalidInputError("sharded needs an initialised torch.distributed process group: call "
-                                "torch.distributed.init_process_group (torchrun sets up its environment) "
-                                "on every rank before kvmem.create")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if rank < 0:
-        raise InvalidInputError("this process is not a member of the group given to the sharded store")
-    if driver >= world:
-        raise InvalidInputError(f"sharded option driver must be a rank of the group, in [0, {world}); got {driver}")
-    return world, rank
-
-
-def _verdict(reports: dict[int, dict[str, Any]], driver: int) -> str | None:
-    """The first problem among the ranks' reports, naming the rank; None when all agree."""
-    for r, report in sorted(reports.items()):
-        if report["problem"]:
-            return f"sharded store: rank {r}: {report['problem']}"
-        if report["config"] != reports[driver]["config"]:
-            return (f"sharded store: every rank must call create with the same arguments; rank {r} has "
-                    f"{report['config']}, the driver (rank {driver}) has {reports[driver]['config']}")
-    return None

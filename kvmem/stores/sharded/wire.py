@@ -25,7 +25,7 @@ import torch.distributed as dist
 from kvmem.config import dtype_name, parse_dtype
 from kvmem.errors import KvmemError
 
-__all__ = ["Link", "LostRankError", "comm_device"]
+__all__ = ["Link", "LostRankError", "comm_device", "message_device_type"]
 
 _DTYPES = {"int64": torch.int64, "uint8": torch.uint8}
 IDLE = datetime.timedelta(days=365)   # how long a serving rank waits for the driver's next operation
@@ -39,10 +39,16 @@ class LostRankError(KvmemError):
         self.rank = rank
 
 
+def message_device_type(backend: str) -> str:
+    """``"cuda"`` for a group whose only transport is nccl, else ``"cpu"``: a group with gloo (alone, or
+    ``"cpu:gloo,cuda:nccl"`` as ``init_process_group()`` makes by default) or any other backend moves CPU tensors."""
+    backend = backend.lower()
+    return "cpu" if "gloo" in backend or "nccl" not in backend else "cuda"
+
+
 def comm_device(group: Any) -> torch.device:
     """Where messages travel: the CPU for gloo groups, the current CUDA device for nccl."""
-    backend = str(dist.get_backend(group)).lower()
-    if "gloo" in backend or "nccl" not in backend:
+    if message_device_type(str(dist.get_backend(group))) == "cpu":
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 
@@ -55,19 +61,19 @@ class Link:
     """Messages between this rank and the others of ``group``; ranks are group ranks.
 
     ``exchange`` is one round of the driver (post to every serving rank,
-    then receive every answer), taken under a lock: one operation is on the
-    wire at a time. ``seconds`` accumulates time spent waiting for answers
+    then receive every answer), taken under ``lock`` (the group's, shared by
+    its stores): one operation is on the wire at a time. ``seconds`` accumulates time spent waiting for answers
     beyond the serving ranks' own work (transport, serialisation, queueing).
     """
 
-    def __init__(self, group: Any, driver: int, timeout: float) -> None:
+    def __init__(self, group: Any, driver: int, timeout: float, lock: threading.Lock | None = None) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         self.driver = driver
         self.timeout = timeout
         self.device = comm_device(group)
-        self.lock = threading.Lock()
+        self.lock = lock or threading.Lock()   # shared by every store on the group: one message stream
         self.comm_seconds = 0.0
         self.exchanges = 0
         self.last_busy: dict[int, float] = {}   # seconds each rank worked on the last operation
