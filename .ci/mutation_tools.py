@@ -11,6 +11,7 @@ sample, its 95% Wilson interval is printed beside it.
 import collections
 import json
 import math
+import os
 import pathlib
 import random
 import subprocess
@@ -40,7 +41,9 @@ def config(target, tests):
                 'source_paths = ["kvmem/"]\n'
                 f"only_mutate = {json.dumps([target])}\n"
                 f"pytest_add_cli_args_test_selection = {json.dumps(kept)}\n"
-                'pytest_add_cli_args = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]\n')
+                'pytest_add_cli_args = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]\n'
+                # a mutant's CPU-time limit: (its tests' traced time + 1 s) x 2 x this (mutmut's default 15)
+                f"timeout_multiplier = {float(os.environ.get('KVMEM_MUTATION_TIMEOUT', 15))}\n")
     print(" ".join(t for t in kept if not t.startswith("-")), f"({sum(t.startswith('-') for t in kept)} deselected)")
 
 
