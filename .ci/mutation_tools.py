@@ -4,8 +4,9 @@
     python mutation_tools.py sample TARGET N SEED       prints N of TARGET's generated mutants, reproducibly
     python mutation_tools.py summary MODULE [NAME...]   the score (of the named mutants, or of all)
 
-The score counts killed, timed-out and crashed mutants as caught; "no tests" counts as survived. With a
-sample, its 95% Wilson interval is printed beside it.
+The score counts killed and crashed mutants as caught and "no tests" as survived; it leaves out timeouts
+(mutmut's limit is wall-clock time, so on a loaded machine a timeout may be a slow survivor) and lists them.
+With a sample, its 95% Wilson interval is printed beside it.
 """
 
 import collections
@@ -17,7 +18,8 @@ import random
 import subprocess
 import sys
 
-CAUGHT = ("killed", "timeout", "segfault")
+CAUGHT = ("killed", "segfault")
+UNDECIDED = ("not checked", "timeout")
 
 
 def config(target, tests):
@@ -42,7 +44,7 @@ def config(target, tests):
                 f"only_mutate = {json.dumps([target])}\n"
                 f"pytest_add_cli_args_test_selection = {json.dumps(kept)}\n"
                 'pytest_add_cli_args = ["-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]\n'
-                # a mutant's CPU-time limit: (its tests' traced time + 1 s) x 2 x this (mutmut's default 15)
+                # a mutant's wall-clock limit: (its tests' traced time + 1 s) x 2 x this (mutmut's default 15)
                 f"timeout_multiplier = {float(os.environ.get('KVMEM_MUTATION_TIMEOUT', 15))}\n")
     print(" ".join(t for t in kept if not t.startswith("-")), f"({sum(t.startswith('-') for t in kept)} deselected)")
 
@@ -71,15 +73,15 @@ def summary(module, names):
     if names:
         status = {name: status.get(name, "not checked") for name in names}
     counts = collections.Counter(status.values())
-    checked = sum(v for k, v in counts.items() if k != "not checked")
+    checked = sum(v for k, v in counts.items() if k not in UNDECIDED)
     caught = sum(counts[k] for k in CAUGHT)
     if not checked:
         print(f"{module}: no mutant checked ({generated} generated; see mutmut-run.log)")
         return
     low, high = wilson(caught, checked)
-    what = f"sample of {checked} of {generated} mutants" if names else f"all {checked} mutants"
+    what = f"sample of {len(status)} of {generated} mutants" if names else f"all {generated} mutants"
     print(f"{module}: {caught / checked:.1%} caught, 95% interval {low:.1%}-{high:.1%} "
-          f"({caught} of {checked}; {what}; {dict(counts)})")
+          f"({caught} of {checked} decided; {what}; {dict(counts)})")
     for name, result in sorted(status.items()):
         if result not in CAUGHT:
             print(f"    {name}: {result}")
