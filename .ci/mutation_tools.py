@@ -33,8 +33,9 @@ def config(target, tests):
         present = test.startswith("-") or file.exists() and (
             not rest or any(f"{word} {name}" in file.read_text() for word in ("class", "def")) or
             f"{name} = " in file.read_text())
-        (kept if present else []).append(test)
-        if not present:
+        if present:
+            kept.append(test)
+        else:
             print(f"    {test} is not in this tree: left out", file=sys.stderr)
     if not kept:
         sys.exit(f"no test of {tests} is in this tree")
