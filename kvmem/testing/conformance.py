@@ -216,6 +216,10 @@ class StoreConformance(BadInputConformance):
         model.clear([1])
         assert [store.count(p) for p in range(3)] == [10, 0, 10]
         self.check(store, model, randn(3, 3, 4, 8), k=5)
+        store.clear(2)                                                  # one partition, named by a bare int
+        model.clear([2])
+        assert [store.count(p) for p in range(3)] == [10, 0, 0]
+        self.check(store, model, randn(3, 3, 4, 8), k=5)
         store.clear()
         model.clear()
         assert len(store) == 0
