@@ -217,34 +217,3 @@ def test_a_score_does_not_depend_on_where_its_key_sits_among_the_candidates():
                                exact_scores(queries, keys[:, :, perm], metric)), (dim, c, metric)
 
 
-class _WithoutSubset:
-    """A key source without the optional ``subset``: the fallback searches it through topk's partition view."""
-
-    def __init__(self, source):
-        self._source = source
-        self.partitions, self.device, self.dtype = source.partitions, source.device, source.dtype
-
-    def counts(self):
-        return self._source.counts()
-
-    def blocks(self, rows):
-        return self._source.blocks(rows)
-
-    def gather(self, slots):
-        return self._source.gather(slots)
-
-    def max_sqnorm(self):
-        return self._source.max_sqnorm()
-
-
-@pytest.mark.parametrize("ranking", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_key_source_without_subset_gets_the_same_fallback(monkeypatch, ranking):
-    from kvmem.stores.exact import TableKeys
-
-    keys, queries = shared_offset("l2", seed=5, partitions=3, n=600)
-    store, model = _filled(keys, "l2", "fp32")
-    monkeypatch.setattr(topk, "_certified", lambda queries, *a, **kw: torch.zeros(queries.shape[:2], dtype=bool))
-    want = topk.blocked_search(TableKeys(store), queries, K, "l2", rank_dtype=ranking)
-    got = topk.blocked_search(_WithoutSubset(TableKeys(store)), queries, K, "l2", rank_dtype=ranking)
-    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
-    assert (got[1] >= 0).all() and got[1].shape == (3, 16, K)
