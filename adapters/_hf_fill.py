@@ -1,24 +1,127 @@
-"""Write-only reading for the Hugging Face adapter: ``feed(..., search=False)``.
+"""How the Hugging Face adapter reads a long input: ``MemoryAdapter.feed``.
 
-A window that does not search memory does not depend on the windows before
-it, so ``ROWS`` windows run at a time as the rows of one forward. Each memory
-layer attends causally within each window and writes the windows' keys and
-values to its store in stream order (the rows of document ``b`` go to
-partitions ``b * Hkv ...``), as reading them one at a time would.
+The searching feed runs the model on windows of ``window`` tokens without a
+KV cache; in each memory layer a window's queries attend to the causal window
+and to memory, then its keys and values are written to memory. The last
+``last`` tokens are not written: they become the local context (a
+:mod:`._hf_context` cache the next forward or ``generate`` continues).
+
+The write-only feed (``search=False``) reads windows that do not search
+memory. Such a window does not depend on the windows before it, so ``ROWS``
+windows run at a time as the rows of one forward. Each memory layer attends
+causally within each window and writes the windows' keys and values to its
+store in stream order (the rows of document ``b`` go to partitions
+``b * Hkv ...``), as reading them one at a time would.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from kvmem.errors import InvalidInputError
+
+from . import _hf_context as ctx
 from ._hf_layer import MEMORY_ATTR, _bool_mask
+from ._hf_settings import positive
 from .attention import _local_mask, _softmax
 
-ROWS = 256  # windows per forward
+ROWS = 256  # windows per forward of the write-only feed
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked ``feed`` call."""
+
+    ids: torch.Tensor  # (B, N) token ids
+    window: int  # tokens per window
+    last: int  # last tokens kept as local context
+    held: torch.Tensor | None  # (B, N) bool, False for padding; None: no padding
+    return_logits: str  # "last" | "all"
+    search: bool  # windows attend to memory before they are written to it
+
+
+def check(adapter: Any, input_ids, chunk_size, return_logits, last_context_length, attention_mask, search) -> Request:
+    """``feed``'s arguments as a :class:`Request`; raises :class:`InvalidInputError`, changing nothing."""
+    try:
+        ids = torch.as_tensor(input_ids)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise InvalidInputError(
+            f"input_ids: expected integer token ids (B, N), got {input_ids!r:.80} ({exc})") from None
+    if ids.ndim == 1:
+        ids = ids.unsqueeze(0)
+    if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise InvalidInputError(
+            f"input_ids: expected integer token ids (B, N) with N > 0, got {ids.dtype} {tuple(ids.shape)}"
+        )
+    if not isinstance(search, bool):
+        raise InvalidInputError(f"search: expected a bool, got {search!r}")
+    vocab = adapter.model.get_input_embeddings().num_embeddings
+    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
+        raise InvalidInputError(
+            f"input_ids: expected token ids in [0, {vocab}), got {int(ids.min())} .. {int(ids.max())}")
+    if not isinstance(return_logits, str) or return_logits not in ("last", "all"):
+        raise InvalidInputError(f'return_logits: expected "last" or "all", got {return_logits!r}')
+    window = adapter.chunk_size if chunk_size is None else positive(chunk_size, "chunk_size")
+    last = adapter.settings.last_context_length if last_context_length is None else last_context_length
+    if isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= window:
+        raise InvalidInputError(f"last_context_length: expected an int in [0, window={window}], got {last!r}")
+    held = ctx.padding_mask(attention_mask, ids.shape)
+    if adapter._context is not None:
+        adapter._context.check_step(ids.shape[0], 0)
+    if not search and (held is not None or last_context_length):
+        raise InvalidInputError("search=False writes every token to memory: it takes no attention_mask "
+                                f"and no last_context_length; got {last_context_length!r} and a mask")
+    return Request(ids, window, 0 if not search else last, held, return_logits, search)
+
+
+def feed(adapter: Any, request: Request):
+    """Read ``request.ids`` into memory and the local context; returns a ``CausalLMOutput``."""
+    from transformers.modeling_outputs import CausalLMOutput
+
+    if not request.search:
+        return feed_write_only(adapter, request.ids, request.window, request.return_logits)
+    ids, held, window, return_logits = request.ids, request.held, request.window, request.return_logits
+    model = adapter.model
+    device = next(model.parameters()).device
+    B, N = ids.shape
+    absolute = adapter.settings.positions == "absolute"
+    keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    state, kept, head = adapter._state, [], max(N - request.last, 0)
+
+    def run(chunk, mask, **kwargs):
+        if keep:
+            kwargs["logits_to_keep"] = 0 if return_logits == "all" else 1
+        if mask is not None:
+            kwargs["attention_mask"] = mask.to(device)
+        calls = {i: m.calls for i, m in adapter._memories.items()}
+        out = model(input_ids=chunk.to(device), **kwargs)
+        adapter._check_dispatched(calls)
+        kept.append(out.logits if return_logits == "all" else out.logits[:, -1:])
+
+    try:
+        with torch.no_grad():
+            for start in range(0, head, window):
+                stop = min(start + window, head)
+                mask = None if held is None else held[:, start:stop]
+                state.writing, state.held = True, mask
+                first = state.tokens if absolute else 0
+                pos = torch.arange(first, first + stop - start, device=device).expand(B, -1)
+                run(ids[:, start:stop], mask, position_ids=pos, use_cache=False)
+                state.tokens += stop - start
+            state.writing, state.held = False, None
+            if head < N:
+                adapter._context = adapter._new_context(pending=True)
+                cache = {adapter._cache_arg: adapter._context}
+                run(ids[:, head:], None if held is None else held[:, head:], use_cache=True, **cache)
+    finally:
+        state.writing, state.held = False, None
+    logits = torch.cat(kept, dim=1) if return_logits == "all" else kept[-1]
+    return CausalLMOutput(logits=logits)
 
 
 def feed_write_only(adapter: Any, ids: torch.Tensor, window: int, return_logits: str):
@@ -36,7 +139,7 @@ def feed_write_only(adapter: Any, ids: torch.Tensor, window: int, return_logits:
         spans.append((full, N, N - full))
     kept = []
     saved = {i: getattr(m, MEMORY_ATTR) for i, m in adapter._modules.items()}
-    state.writing, state.offset = True, 0
+    state.writing = True
     try:
         for i, m in adapter._modules.items():
             setattr(m, MEMORY_ATTR, _WriteOnly(saved[i], B))
@@ -62,7 +165,6 @@ def feed_write_only(adapter: Any, ids: torch.Tensor, window: int, return_logits:
         for i, m in adapter._modules.items():
             setattr(m, MEMORY_ATTR, saved[i])
         state.writing = False
-        state.offset = state.tokens if absolute else 0
     logits = torch.cat(kept, dim=1) if return_logits == "all" else kept[-1]
     return CausalLMOutput(logits=logits)
 
