@@ -227,9 +227,10 @@ class MemoryAdapter:
 
         With ``search=False`` each window attends to itself only and is
         written to memory without searching it; windows then run many at a
-        time (:mod:`._hf_fill`), which fills a large memory fast. Every token
-        goes to memory then: it takes no ``attention_mask`` and no
-        ``last_context_length``.
+        time (:mod:`._hf_fill`), which fills a large memory fast. Padding and
+        the last ``last_context_length`` tokens are handled as in the
+        searching feed: memory holds the same rows at the same positions,
+        and the last tokens (which search memory) make the same local context.
 
         Returns a ``CausalLMOutput`` whose ``logits`` are (B, 1, V) for the
         last token ("last") or (B, N, V) for every fed token ("all"). On an
