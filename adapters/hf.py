@@ -38,6 +38,7 @@ to it atomically (a crash leaves the previous save or the new one).
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -55,6 +56,8 @@ from . import _hf_persist as persist
 from ._hf_settings import Settings, choose_layers, resolve
 
 __all__ = ["attach", "load", "MemoryAdapter", "Settings"]
+
+MIN_TRANSFORMERS = (4, 56)  # as pyproject's kvmem[hf]
 
 
 def attach(
@@ -163,6 +166,7 @@ class MemoryAdapter:
         self._context: Any = None  # the local context (a ContextCache), made on the first forward that needs one
         self._layer_count = max(modules) + 1
         self._cache_arg = ctx.cache_argument(model.forward)
+        self._cache_positions = "cache_position" in inspect.signature(model.forward).parameters  # transformers 4.x
         layer_settings = hfl.LayerSettings(
             backend=settings.backend, k=settings.k, positions=settings.positions,
             store_options=settings.store_options, search_options=settings.search_options,
@@ -381,11 +385,17 @@ def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapt
 
 def _require_transformers() -> None:
     try:
-        importlib.import_module("transformers")
+        transformers = importlib.import_module("transformers")
     except ImportError as exc:
         raise BackendUnavailableError(
             "kvmem.adapters.hf needs transformers: pip install 'kvmem[hf]'"
         ) from exc
+    from packaging.version import Version
+
+    if Version(transformers.__version__).release < MIN_TRANSFORMERS:
+        raise BackendUnavailableError(
+            f"kvmem.adapters.hf needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} (the cache layers "
+            f"its local context builds on), found {transformers.__version__}: pip install -U 'kvmem[hf]'")
 
 
 def _check_backend(backend: Any) -> None:

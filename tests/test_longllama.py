@@ -61,6 +61,16 @@ def test_attach_takes_its_settings_from_the_longllama_config(checkpoint):
     assert {s.sources[n] for n in ("layers", "chunk_size", "last_context_length", "dtype")} == {"argument"}
 
 
+def test_a_transformers_older_than_supported_is_refused_by_version(checkpoint, monkeypatch):
+    model = load(checkpoint)
+    monkeypatch.setattr("transformers.__version__", "4.55.4")  # sys.modules' transformers, which attach reads
+    with pytest.raises(kvmem.errors.BackendUnavailableError, match="4.56.*4.55.4"):
+        hf.attach(model)
+    assert model.config._attn_implementation != "kvmem"
+    monkeypatch.setattr("transformers.__version__", "4.56.0")
+    hf.attach(model).detach()
+
+
 def test_mem_positionals_false_is_refused_by_name(checkpoint):
     model = load(checkpoint)
     model.config.mem_positionals = False
