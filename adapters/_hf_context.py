@@ -14,7 +14,9 @@ padding mask in the coordinates of the local context:
 - ``attention_mask``: ``(B, local tokens)``, True for real tokens;
 - the mask sizes (``get_mask_sizes``, ``get_query_offset``) are those of the
   local context, while ``get_seq_length`` counts the tokens the caller passed
-  since it began using the cache (what ``generate`` slices its inputs by).
+  since it began using the cache (what ``generate`` slices its inputs by);
+- ``cache_position`` (transformers 4.x, whose masks place queries by it, not
+  by ``get_query_offset``): the step's indices in the local context.
 
 A step is planned once per forward (:meth:`ContextCache.begin`), before the
 model makes its masks; each layer's ``update`` then applies the plan.
@@ -23,6 +25,7 @@ Not thread-safe: one forward at a time.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +47,7 @@ def _cache_classes():
 def new_context(layers: int, window: int | None, base: int, on_roll: Rollover) -> Any:
     """A :class:`ContextCache` for a model of ``layers`` decoder layers (``window`` None: never rolls)."""
     Cache, DynamicLayer = _cache_classes()
+    init_args = len(inspect.signature(DynamicLayer.lazy_initialization).parameters) - 1  # 4.x: keys; 5.x: + values
 
     class ContextLayer(DynamicLayer):
         """One layer's local keys and values; rolls when its cache's plan says so."""
@@ -53,8 +57,8 @@ def new_context(layers: int, window: int | None, base: int, on_roll: Rollover) -
             self.owner, self.index = owner, index
 
         def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
+            if not _initialized(self):
+                self.lazy_initialization(*(key_states, value_states)[:init_args])
             owner = self.owner
             if owner.rolls and self.keys.numel():
                 owner.on_roll(self.index, self.keys, self.values, owner.positions(owner.dropped, self.keys),
@@ -65,7 +69,7 @@ def new_context(layers: int, window: int | None, base: int, on_roll: Rollover) -
                 self.values = torch.cat([self.values, value_states], dim=-2)
             return self.keys, self.values
 
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        def get_mask_sizes(self, query: Any) -> tuple[int, int]:  # query: its length (5.x), cache_position (4.x)
             return self.owner.local, 0
 
         def get_seq_length(self) -> int:
@@ -129,7 +133,7 @@ def new_context(layers: int, window: int | None, base: int, on_roll: Rollover) -
             """Move the whole local context out (memory layers remember it) and empty it."""
             if self.local:
                 for layer in self.layers:
-                    if layer.is_initialized and layer.keys.numel():
+                    if _initialized(layer) and layer.keys.numel():
                         self.on_roll(layer.index, layer.keys, layer.values, self.positions(self.held, layer.keys),
                                      self.held)
             for layer in self.layers:
@@ -140,14 +144,18 @@ def new_context(layers: int, window: int | None, base: int, on_roll: Rollover) -
     return ContextCache()
 
 
+def _initialized(layer: Any) -> bool:
+    """Whether a cache layer holds tensors yet (``is_initialized`` from transformers 4.57; 4.56: keys not None)."""
+    ready = getattr(layer, "is_initialized", None)
+    return getattr(layer, "keys", None) is not None if ready is None else ready
+
+
 def is_context(cache: Any) -> bool:
     return type(cache).__name__ == "ContextCache" and hasattr(cache, "begin")
 
 
 def cache_argument(forward: Callable) -> str:
     """The name under which ``forward`` takes its cache (``cache`` in transformers 5, else ``past_key_values``)."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
@@ -197,6 +205,8 @@ def prepare_forward(adapter: Any, args: tuple, kwargs: dict) -> tuple[tuple, dic
     positions = context.begin(held)
     kwargs = {**kwargs, name: context, "use_cache": True, "position_ids": positions,
               "attention_mask": context.mask()}
+    if adapter._cache_positions:
+        kwargs["cache_position"] = torch.arange(context.offset, context.local, device=device)
     adapter._state.tokens += T
     return args, kwargs
 

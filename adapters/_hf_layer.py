@@ -296,3 +296,33 @@ def _bool_mask(mask: torch.Tensor | None, kv_length: int) -> torch.Tensor | None
     if mask.dtype == torch.bool:
         return mask
     return mask > torch.finfo(mask.dtype).min / 2
+
+
+def attention_modules(model: Any) -> dict[int, Any]:
+    """layer index -> attention module (modules named *Attention with layer_idx and head_dim)."""
+    found: dict[int, Any] = {}
+    for module in model.modules():
+        idx = getattr(module, "layer_idx", None)
+        if type(module).__name__.endswith("Attention") and isinstance(idx, int) and hasattr(module, "head_dim"):
+            if idx in found and found[idx] is not module:
+                raise InvalidInputError(f"model: expected one attention module per layer, layer {idx} has two")
+            found[idx] = module
+    if not found:
+        raise InvalidInputError(
+            f"model: expected attention modules with a layer_idx (as Llama/Mistral/Qwen2 have), "
+            f"found none in {type(model).__name__}"
+        )
+    return dict(sorted(found.items()))
+
+
+def configs_of(model: Any, modules: Any) -> list[Any]:
+    """The model's config, its sub-configs, and the configs its attention modules read."""
+    found: dict[int, Any] = {}
+    todo = [model.config, *(getattr(m, "config", None) for m in modules)]
+    while todo:
+        config = todo.pop()
+        if config is None or id(config) in found:
+            continue
+        found[id(config)] = config
+        todo.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
+    return list(found.values())

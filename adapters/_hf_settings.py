@@ -11,7 +11,8 @@ read as LongLLaMA's; an argument given to ``attach`` always wins.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -22,7 +23,7 @@ from kvmem.errors import InvalidInputError
 
 from .attention import POSITION_MODES, check_k
 
-__all__ = ["Settings", "resolve"]
+__all__ = ["Settings", "choose_layers", "positive", "resolve"]
 
 DEFAULT_CHUNK = 512
 
@@ -43,7 +44,7 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
-def _positive(value: Any, name: str) -> int:
+def positive(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InvalidInputError(f"{name}: expected an int > 0, got {value!r}")
     return value
@@ -95,7 +96,7 @@ def resolve(config: Any, given: Mapping[str, Any]) -> tuple[dict[str, Any], dict
     if not isinstance(chosen["positions"], str) or chosen["positions"] not in POSITION_MODES:
         raise InvalidInputError(f"positions: expected one of {POSITION_MODES}, got {chosen['positions']!r}")
     check_k(given["k"])
-    chosen["chunk_size"] = _positive(chosen["chunk_size"], "chunk_size")
+    chosen["chunk_size"] = positive(chosen["chunk_size"], "chunk_size")
     last = chosen["last_context_length"]
     if isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= chosen["chunk_size"]:
         raise InvalidInputError(
@@ -117,3 +118,20 @@ def resolve(config: Any, given: Mapping[str, Any]) -> tuple[dict[str, Any], dict
         sources["dtype"] = "default (the model's key dtype)"
     chosen["store_options"] = store_options
     return chosen, sources
+
+
+def choose_layers(layers: str | Sequence[int], modules: Mapping[int, Any]) -> list[int]:
+    """The decoder layers ``layers`` names among ``modules`` (layer index -> attention module), sorted."""
+    if isinstance(layers, str):
+        if layers != "all":
+            raise InvalidInputError(f'layers: expected "all" or a list of layer indices, got {layers!r}')
+        return list(modules)
+    if not isinstance(layers, Iterable):
+        raise InvalidInputError(f'layers: expected "all" or a list of layer indices, got {layers!r}')
+    chosen = list(itertools.islice(layers, len(modules) + 1))
+    ints = all(isinstance(i, int) and not isinstance(i, bool) for i in chosen)
+    if not chosen or not ints or len(set(chosen)) != len(chosen) or any(i not in modules for i in chosen):
+        raise InvalidInputError(
+            f"layers: expected distinct indices among {list(modules)}, got {chosen}"
+        )
+    return sorted(chosen)

@@ -39,13 +39,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import itertools
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
-
-import torch
 
 import kvmem
 import kvmem.devices
@@ -53,11 +50,14 @@ from kvmem import inputs
 from kvmem.errors import BackendUnavailableError, CorruptStoreError, InvalidInputError, KvmemError
 
 from . import _hf_context as ctx
+from . import _hf_fill as fill
 from . import _hf_layer as hfl
 from . import _hf_persist as persist
-from ._hf_settings import Settings, resolve
+from ._hf_settings import Settings, choose_layers, resolve
 
 __all__ = ["attach", "load", "MemoryAdapter", "Settings"]
+
+MIN_TRANSFORMERS = (4, 56)  # as pyproject's kvmem[hf]
 
 
 def attach(
@@ -130,8 +130,8 @@ def attach(
             f"model: expected attn_implementation in {hfl.SUPPORTED_ORIGINALS}, got {original!r}; "
             'load the model with attn_implementation="sdpa"'
         )
-    modules = _attention_modules(model)
-    chosen_layers = _choose(chosen["layers"], modules)
+    modules = hfl.attention_modules(model)
+    chosen_layers = choose_layers(chosen["layers"], modules)
     some = modules[chosen_layers[0]]
     rope = hfl.model_rotary(model, some, some.head_dim)
     if rope is None and positions == "first":
@@ -166,13 +166,14 @@ class MemoryAdapter:
         self._context: Any = None  # the local context (a ContextCache), made on the first forward that needs one
         self._layer_count = max(modules) + 1
         self._cache_arg = ctx.cache_argument(model.forward)
+        self._cache_positions = "cache_position" in inspect.signature(model.forward).parameters  # transformers 4.x
         layer_settings = hfl.LayerSettings(
             backend=settings.backend, k=settings.k, positions=settings.positions,
             store_options=settings.store_options, search_options=settings.search_options,
         )
         self._modules = {i: modules[i] for i in settings.layers}
         self._memories = {i: hfl.LayerMemory(i, layer_settings, self._state, rope) for i in settings.layers}
-        self._configs = _configs_of(model, modules.values())
+        self._configs = hfl.configs_of(model, modules.values())
         self._saved_impl = [(c, c._attn_implementation) for c in self._configs]
         self._original = original
         self._attached = True
@@ -230,87 +231,19 @@ class MemoryAdapter:
 
         With ``search=False`` each window attends to itself only and is
         written to memory without searching it; windows then run many at a
-        time (:mod:`._hf_fill`), which fills a large memory fast. Every token
-        goes to memory then: it takes no ``attention_mask`` and no
-        ``last_context_length``.
+        time (:mod:`._hf_fill`), which fills a large memory fast. Padding and
+        the last ``last_context_length`` tokens are handled as in the
+        searching feed: memory holds the same rows at the same positions,
+        and the last tokens (which search memory) make the same local context.
 
         Returns a ``CausalLMOutput`` whose ``logits`` are (B, 1, V) for the
         last token ("last") or (B, N, V) for every fed token ("all"). On an
         error part of a window may be in memory: call ``reset()``.
         """
         self._check_attached()
-        from transformers.modeling_outputs import CausalLMOutput
-
-        try:
-            ids = torch.as_tensor(input_ids)
-        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-            raise InvalidInputError(
-                f"input_ids: expected integer token ids (B, N), got {input_ids!r:.80} ({exc})") from None
-        if ids.ndim == 1:
-            ids = ids.unsqueeze(0)
-        if ids.ndim != 2 or ids.shape[1] == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise InvalidInputError(
-                f"input_ids: expected integer token ids (B, N) with N > 0, got {ids.dtype} {tuple(ids.shape)}"
-            )
-        if not isinstance(search, bool):
-            raise InvalidInputError(f"search: expected a bool, got {search!r}")
-        vocab = self.model.get_input_embeddings().num_embeddings
-        if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < vocab):
-            raise InvalidInputError(
-                f"input_ids: expected token ids in [0, {vocab}), got {int(ids.min())} .. {int(ids.max())}")
-        if not isinstance(return_logits, str) or return_logits not in ("last", "all"):
-            raise InvalidInputError(f'return_logits: expected "last" or "all", got {return_logits!r}')
-        window = self.chunk_size if chunk_size is None else _positive(chunk_size, "chunk_size")
-        last = self.settings.last_context_length if last_context_length is None else last_context_length
-        if isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= window:
-            raise InvalidInputError(f"last_context_length: expected an int in [0, window={window}], got {last!r}")
-        held = ctx.padding_mask(attention_mask, ids.shape)
-        if self._context is not None:
-            self._context.check_step(ids.shape[0], 0)
-        if not search:
-            if held is not None or last_context_length:
-                raise InvalidInputError("search=False writes every token to memory: it takes no attention_mask "
-                                        f"and no last_context_length; got {last_context_length!r} and a mask")
-            from ._hf_fill import feed_write_only
-
-            self.flush()
-            return feed_write_only(self, ids, window, return_logits)
-        device = next(self.model.parameters()).device
-        B, N = ids.shape
-        absolute = self.settings.positions == "absolute"
-        keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        request = fill.check(self, input_ids, chunk_size, return_logits, last_context_length, attention_mask, search)
         self.flush()
-        state, kept, head = self._state, [], max(N - last, 0)
-
-        def run(chunk, mask, **kwargs):
-            if keep:
-                kwargs["logits_to_keep"] = 0 if return_logits == "all" else 1
-            if mask is not None:
-                kwargs["attention_mask"] = mask.to(device)
-            calls = {i: m.calls for i, m in self._memories.items()}
-            out = self.model(input_ids=chunk.to(device), **kwargs)
-            self._check_dispatched(calls)
-            kept.append(out.logits if return_logits == "all" else out.logits[:, -1:])
-
-        try:
-            with torch.no_grad():
-                for start in range(0, head, window):
-                    stop = min(start + window, head)
-                    mask = None if held is None else held[:, start:stop]
-                    state.writing, state.held = True, mask
-                    first = state.tokens if absolute else 0
-                    pos = torch.arange(first, first + stop - start, device=device).expand(B, -1)
-                    run(ids[:, start:stop], mask, position_ids=pos, use_cache=False)
-                    state.tokens += stop - start
-                state.writing, state.held = False, None
-                if head < N:
-                    self._context = self._new_context(pending=True)
-                    cache = {self._cache_arg: self._context}
-                    run(ids[:, head:], None if held is None else held[:, head:], use_cache=True, **cache)
-        finally:
-            state.writing, state.held = False, None
-        logits = torch.cat(kept, dim=1) if return_logits == "all" else kept[-1]
-        return CausalLMOutput(logits=logits)
+        return fill.feed(self, request)
 
     def flush(self) -> None:
         """Move the local context into memory now (memory layers write it; the others drop it)."""
@@ -452,11 +385,17 @@ def load(model: Any, path: str | os.PathLike, device: Any = None) -> MemoryAdapt
 
 def _require_transformers() -> None:
     try:
-        importlib.import_module("transformers")
+        transformers = importlib.import_module("transformers")
     except ImportError as exc:
         raise BackendUnavailableError(
             "kvmem.adapters.hf needs transformers: pip install 'kvmem[hf]'"
         ) from exc
+    from packaging.version import Version
+
+    if Version(transformers.__version__).release < MIN_TRANSFORMERS:
+        raise BackendUnavailableError(
+            f"kvmem.adapters.hf needs transformers >= {'.'.join(map(str, MIN_TRANSFORMERS))} (the cache layers "
+            f"its local context builds on), found {transformers.__version__}: pip install -U 'kvmem[hf]'")
 
 
 def _check_backend(backend: Any) -> None:
@@ -471,55 +410,3 @@ def _check_device(backend: str, device: Any) -> None:
     """A store device given to ``attach`` is one the backend lives on and this machine has."""
     if device is not None:
         kvmem.devices.resolve(device, backend, kvmem.registry[backend].devices)
-
-
-def _positive(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise InvalidInputError(f"{name}: expected an int > 0, got {value!r}")
-    return value
-
-
-def _attention_modules(model: Any) -> dict[int, Any]:
-    """layer index -> attention module (modules named *Attention with layer_idx and head_dim)."""
-    found: dict[int, Any] = {}
-    for module in model.modules():
-        idx = getattr(module, "layer_idx", None)
-        if type(module).__name__.endswith("Attention") and isinstance(idx, int) and hasattr(module, "head_dim"):
-            if idx in found and found[idx] is not module:
-                raise InvalidInputError(f"model: expected one attention module per layer, layer {idx} has two")
-            found[idx] = module
-    if not found:
-        raise InvalidInputError(
-            f"model: expected attention modules with a layer_idx (as Llama/Mistral/Qwen2 have), "
-            f"found none in {type(model).__name__}"
-        )
-    return dict(sorted(found.items()))
-
-
-def _choose(layers: str | Sequence[int], modules: Mapping[int, Any]) -> list[int]:
-    if isinstance(layers, str):
-        if layers != "all":
-            raise InvalidInputError(f'layers: expected "all" or a list of layer indices, got {layers!r}')
-        return list(modules)
-    if not isinstance(layers, Iterable):
-        raise InvalidInputError(f'layers: expected "all" or a list of layer indices, got {layers!r}')
-    chosen = list(itertools.islice(layers, len(modules) + 1))
-    ints = all(isinstance(i, int) and not isinstance(i, bool) for i in chosen)
-    if not chosen or not ints or len(set(chosen)) != len(chosen) or any(i not in modules for i in chosen):
-        raise InvalidInputError(
-            f"layers: expected distinct indices among {list(modules)}, got {chosen}"
-        )
-    return sorted(chosen)
-
-
-def _configs_of(model: Any, modules: Any) -> list[Any]:
-    """The model's config, its sub-configs, and the configs its attention modules read."""
-    found: dict[int, Any] = {}
-    todo = [model.config, *(getattr(m, "config", None) for m in modules)]
-    while todo:
-        config = todo.pop()
-        if config is None or id(config) in found:
-            continue
-        found[id(config)] = config
-        todo.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}))
-    return list(found.values())

@@ -61,6 +61,16 @@ def test_attach_takes_its_settings_from_the_longllama_config(checkpoint):
     assert {s.sources[n] for n in ("layers", "chunk_size", "last_context_length", "dtype")} == {"argument"}
 
 
+def test_a_transformers_older_than_supported_is_refused_by_version(checkpoint, monkeypatch):
+    model = load(checkpoint)
+    monkeypatch.setattr("transformers.__version__", "4.55.4")  # sys.modules' transformers, which attach reads
+    with pytest.raises(kvmem.errors.BackendUnavailableError, match="4.56.*4.55.4"):
+        hf.attach(model)
+    assert model.config._attn_implementation != "kvmem"
+    monkeypatch.setattr("transformers.__version__", "4.56.0")
+    hf.attach(model).detach()
+
+
 def test_mem_positionals_false_is_refused_by_name(checkpoint):
     model = load(checkpoint)
     model.config.mem_positionals = False
@@ -131,6 +141,49 @@ def test_padding_is_neither_written_nor_attended(checkpoint):
     assert (got[:1] - alone_a).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("positions", ["first", "absolute"])
+def test_write_only_feed_leaves_what_the_searching_feed_leaves(checkpoint, positions, monkeypatch):
+    """A padded batch with a last context: with one memory layer (its inputs do not depend on memory) the
+    write-only feed writes the same rows at the same positions, leaves the same local context, and the
+    step after it gives the same logits as the searching feed."""
+    from kvmem.adapters import _hf_fill
+
+    monkeypatch.setattr(_hf_fill, "ROWS", 2)  # several forwards of several windows, and a partial window
+    ids, after = tokens(2, 5 * WINDOW + 3, seed=7), tokens(2, 3, seed=8)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding
+    mask[1, 20:24] = 0  # a hole inside the second window
+    mask[1, -3:] = 0  # right padding, in the last context
+    head = ids.shape[1] - LAST
+
+    def read(search):
+        model = load(checkpoint)
+        adapter = hf.attach(model, layers=[1], k="all", positions=positions)
+        logits = adapter.feed(ids, attention_mask=mask, return_logits="all", search=search).logits
+        store = adapter.stores[1]
+        real = [mask[b, :head].nonzero()[:, 0] for b in range(2)]
+        wanted = torch.full((store.partitions, max(len(r) for r in real)), -1)
+        for p in range(store.partitions):  # partition p = b * Hkv + h
+            wanted[p, : len(real[p // 2])] = real[p // 2]
+        rows = store.get(wanted)
+        counts = [store.count(p) for p in range(store.partitions)]
+        local = [(layer.keys.clone(), layer.values.clone()) for layer in adapter._context.layers]
+        state = (adapter.tokens, adapter.context)
+        with torch.no_grad():
+            step = model(after).logits
+        return logits[:, head:], rows, counts, local, state, step
+
+    want, got = read(True), read(False)
+    assert got[2] == want[2] == [int(mask[b, :head].sum()) for b in (0, 0, 1, 1)]  # only real tokens stored
+    assert got[4] == want[4] == (ids.shape[1], LAST)  # tokens read, local context
+    for a, b in zip(got[1], want[1]):
+        assert (a - b).abs().max().item() <= 1e-5
+    for (ka, va), (kb, vb) in zip(got[3], want[3]):
+        assert (ka - kb).abs().max().item() <= 1e-5 and (va - vb).abs().max().item() <= 1e-5
+    assert (got[0] - want[0]).abs().max().item() <= 1e-5  # the last context's logits
+    assert (got[5] - want[5]).abs().max().item() <= 1e-5  # the step after
+
+
 def test_bad_inputs_change_nothing(checkpoint):
     model = load(checkpoint)
     with pytest.raises(InvalidInputError, match='"all"'):
@@ -147,6 +200,8 @@ def test_bad_inputs_change_nothing(checkpoint):
         dict(input_ids=tokens(1, 10), attention_mask=torch.ones(2, 10)),
         dict(input_ids=tokens(1, 10), last_context_length=WINDOW + 1),
         dict(input_ids=tokens(1, 10), attention_mask=torch.full((1, 10), 2)),
+        dict(input_ids=tokens(1, 10), attention_mask=torch.ones(1, 9), search=False),
+        dict(input_ids=tokens(1, 10), last_context_length=WINDOW + 1, search=False),
     ]
     for kwargs in bad:
         with pytest.raises(InvalidInputError):
