@@ -102,15 +102,15 @@ def attach(
 
     if not isinstance(model, PreTrainedModel):
         raise InvalidInputError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
+    for name, options in (("store_options", store_options), ("search_options", search_options)):
+        if options is not None and not isinstance(options, Mapping):
+            raise InvalidInputError(f"{name}: expected a mapping or None, got {options!r}")
     chosen, sources = resolve(model.config, {
         "layers": layers, "positions": positions, "chunk_size": chunk_size, "k": k,
         "last_context_length": last_context_length, "rolling": rolling, "store_options": store_options,
     })
     positions = chosen["positions"]
     _check_backend(backend)
-    for name, options in (("store_options", store_options), ("search_options", search_options)):
-        if options is not None and not isinstance(options, Mapping):
-            raise InvalidInputError(f"{name}: expected a mapping or None, got {options!r}")
     fixed = sorted({"dim", "value_dim", "partitions"} & set(store_options or {}))
     if fixed:
         raise InvalidInputError(f"store_options: {fixed[0]!r} is set by the model's attention shape; got {fixed[0]}="

@@ -108,7 +108,8 @@ def test_hf_refuses_odd_arguments_and_keeps_memory(tmp_path):
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     for kwargs, message in (({"layers": 5}, "layers: expected"), ({"layers": [[0]]}, "layers: expected distinct"),
                             ({"store_options": {"dim": 3}}, "'dim' is set by the model"),
-                            ({"search_options": 5}, "search_options: expected a mapping")):
+                            ({"search_options": 5}, "search_options: expected a mapping"),
+                            ({"store_options": "exact", "k": "all"}, "store_options: expected a mapping")):
         with pytest.raises(kvmem.InvalidInputError, match=message):
             hf.attach(model, **kwargs)
     adapter = hf.attach(model, k=4)
