@@ -132,10 +132,10 @@ def _copy_rows(source: Any, store: Any, base: int) -> float:
 
 
 def _accuracy(model, ids, where, answers) -> tuple[float, float]:
-    """Fraction of answers predicted (argmax over the vocabulary) at the queries' k3 positions; seconds."""
+    """Fraction of answer tokens predicted (argmax over the vocabulary) at the queries' k3 positions; seconds."""
     logits, seconds = window_logits(model, ids)  # (n, W, V)
     guess = logits.gather(1, where.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).argmax(-1)  # (n, U)
-    return float((guess == 2 + answers).float().mean()), seconds
+    return float((guess == answers).float().mean()), seconds
 
 
 def window_logits(model, ids: torch.Tensor, batch: int = QUERY_WINDOWS) -> tuple[torch.Tensor, float]:

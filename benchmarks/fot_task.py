@@ -134,7 +134,7 @@ def dictionary(task: Task, entries: int, seed: int) -> tuple[torch.Tensor, torch
 
 
 def query_windows(task: Task, codes: torch.Tensor, values: torch.Tensor, n: int, seed: int):
-    """(ids (w, window), answer positions (w, slots), answers (w, slots)) for ``n`` distinct entries."""
+    """(ids (w, window), answer positions (w, slots), answer tokens (w, slots)) for ``n`` distinct entries."""
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(codes), generator=gen)[:n]
     U = task.slots

@@ -190,3 +190,15 @@ def test_each_key_position_has_its_own_tokens():
     for i in range(3):
         assert set(tokens[:, 1 + i].tolist()) == set(range(10 + 8 * i, 18 + 8 * i))
     assert task.vocab == 2 + 8 + 24 and Task(keys=8, values=8, split=False).vocab == 18
+
+
+def test_an_oracle_answers_every_query():
+    class Oracle:  # logits at position t name the token at t + 1
+        def __call__(self, input_ids, **_):
+            nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], 1)
+            return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, task.vocab).float()})
+
+    task = Task(keys=8, values=8, window=10)
+    codes, values = dictionary(task, 40, 0)
+    ids, where, answers = query_windows(task, codes, values, 14, 1)
+    assert fot_lookup._accuracy(Oracle(), ids, where, answers)[0] == 1.0
