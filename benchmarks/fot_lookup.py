@@ -38,13 +38,15 @@ __all__ = ["evaluate", "window_logits", "render", "main", "SIZES", "MAX_ROWS"]
 
 SIZES = tuple(1 << s for s in range(14, 25, 2))  # 16k, 64k, 256k, 1M, 4M, 16M tokens
 BACKENDS = ("exact", "ivf", "hnsw", "lmdb")
-MAX_ROWS: dict[str, int] = {"hnsw": 1 << 22}  # largest memory a backend is built at (hnsw: build time)
+# largest memory a backend is built at, for build time on a 2-core CPU (a 64k-row hnsw took 150-250 s and a
+# 256k-row ivf about 90 s there, on a shared machine)
+MAX_ROWS: dict[str, int] = {"hnsw": 1 << 16, "ivf": 1 << 20}
 FEED_TOKENS = 1 << 16  # tokens per feed call while filling
 QUERY_WINDOWS = 128  # query windows per forward
 
 
 def evaluate(models: Mapping[str, Path], sizes: Sequence[int], backends: Sequence[str] = BACKENDS, *,
-             queries: int = 512, k: int = 32, seed: int = 0, max_rows: Mapping[str, int] = MAX_ROWS,
+             queries: int = 512, k: int = 4, seed: int = 0, max_rows: Mapping[str, int] = MAX_ROWS,
              workdir: Path | None = None, log: Any = print) -> list[dict[str, Any]]:
     """Accuracy, fill and query time and memory size per model, backend and memory size (tokens)."""
     results = []
@@ -264,7 +266,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     e.add_argument("--sizes", default=",".join(map(str, SIZES)))
     e.add_argument("--backends", default=",".join(BACKENDS))
     e.add_argument("--queries", type=int, default=512)
-    e.add_argument("--max-rows", default="hnsw=4194304", help="backend=rows,... largest memory per backend")
+    e.add_argument("--k", type=int, default=4, help="memory rows each query attends to")
+    e.add_argument("--max-rows", default=",".join(f"{b}={n}" for b, n in MAX_ROWS.items()),
+                   help="backend=rows,... largest memory per backend")
     e.add_argument("--out", required=True)
     r = sub.add_parser("report", help="merge eval folders (models evaluated in separate processes)")
     r.add_argument("--runs", required=True, help="comma-separated eval --out folders")
@@ -285,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         models = {Path(p).name: Path(p) for p in args.models.split(",")}
         limits = {b: int(n) for b, n in (kv.split("=") for kv in args.max_rows.split(",") if kv)}
         run_eval(models, [int(s) for s in args.sizes.split(",")], args.backends.split(","), Path(args.out),
-                 queries=args.queries, max_rows=limits, log=lambda m: print(m, flush=True))
+                 queries=args.queries, k=args.k, max_rows=limits, log=lambda m: print(m, flush=True))
     elif args.command == "report":
         merged: dict[str, Any] = {"training": {}, "results": []}
         for run in args.runs.split(","):
