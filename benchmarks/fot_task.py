@@ -1,6 +1,7 @@
 """The dictionary-lookup task of :mod:`kvmem.benchmarks.fot_lookup`, its model, and CrossBatch training.
 
-Tokens: ``SEP``, ``ASK``, ``values`` value tokens and ``keys`` key tokens.
+Tokens: ``SEP``, ``ASK``, ``values`` value tokens and ``keys`` key tokens for
+each of the three key positions (``split``; or ``keys`` shared by all three).
 A dictionary entry is ``SEP k1 k2 k3 v``; a query is ``ASK k1 k2 k3 v``: at
 ``k3`` the model must predict ``v``. In memory the row of ``v`` holds the
 value token itself and, through the first layer's attention, the key tokens
