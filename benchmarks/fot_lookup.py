@@ -7,7 +7,7 @@ memory with a dictionary of up to 16M tokens (``feed(search=False)``) and asks
 it queries whose entries lie somewhere in it, for each backend, beside the same
 model without memory (its window only; chance is ``1 / values``).
 
-    python -m kvmem.benchmarks.fot_lookup train --d 8 --out fot-run/crossbatch
+    python -m kvmem.benchmarks.fot_lookup train --out fot-run/crossbatch       # d = 1, 2, 4, ..., 32
     python -m kvmem.benchmarks.fot_lookup train --d 1 --out fot-run/control
     python -m kvmem.benchmarks.fot_lookup eval --models fot-run/crossbatch,fot-run/control --out fot-run
     python -m kvmem.benchmarks.fot_lookup all --out fot-run           # the three commands above
@@ -34,16 +34,19 @@ import torch
 from .fot_task import MEMORY_LAYERS, SLOT, Task, TrainConfig, dictionary, query_windows, train
 from .report import markdown_table
 
-__all__ = ["evaluate", "render", "main", "SIZES", "MAX_ROWS"]
+__all__ = ["evaluate", "window_logits", "render", "main", "SIZES", "MAX_ROWS"]
 
 SIZES = tuple(1 << s for s in range(14, 25, 2))  # 16k, 64k, 256k, 1M, 4M, 16M tokens
 BACKENDS = ("exact", "ivf", "hnsw", "lmdb")
-MAX_ROWS: dict[str, int] = {"hnsw": 1 << 22}  # largest memory a backend is built at (hnsw: build time)
+# largest memory a backend is built at, for build time on a 2-core CPU (a 64k-row hnsw took 150-250 s and a
+# 256k-row ivf about 90 s there, on a shared machine)
+MAX_ROWS: dict[str, int] = {"hnsw": 1 << 16, "ivf": 1 << 20}
 FEED_TOKENS = 1 << 16  # tokens per feed call while filling
+QUERY_WINDOWS = 128  # query windows per forward
 
 
 def evaluate(models: Mapping[str, Path], sizes: Sequence[int], backends: Sequence[str] = BACKENDS, *,
-             queries: int = 512, k: int = 32, seed: int = 0, max_rows: Mapping[str, int] = MAX_ROWS,
+             queries: int = 512, k: int = 4, seed: int = 0, max_rows: Mapping[str, int] = MAX_ROWS,
              workdir: Path | None = None, log: Any = print) -> list[dict[str, Any]]:
     """Accuracy, fill and query time and memory size per model, backend and memory size (tokens)."""
     results = []
@@ -55,7 +58,9 @@ def evaluate(models: Mapping[str, Path], sizes: Sequence[int], backends: Sequenc
 
 
 def _evaluate_model(name, path, sizes, backends, queries, k, seed, max_rows, work, log):
-    from kvmem.adapters import hf
+    """The model reads the dictionary once, into an ``exact`` store (bfloat16) grown size by size; at each
+    size every other backend gets a fresh store holding a copy of its rows, measured, then closed, so
+    one large store besides the exact one is alive at a time."""
     from transformers import AutoModelForCausalLM
 
     record = json.loads((path / "training.json").read_text())
@@ -64,28 +69,17 @@ def _evaluate_model(name, path, sizes, backends, queries, k, seed, max_rows, wor
     W = task.window
     sizes = sorted(s // W * W for s in sizes)
     codes, values = dictionary(task, sizes[-1] // SLOT, seed)
-    adapters = {}
-    for backend in backends:
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        options: dict[str, Any] = {"dtype": torch.bfloat16}
-        if backend == "lmdb":
-            options["path"] = str(work / f"{name}-lmdb")
-        adapters[backend] = hf.attach(model, backend=backend, layers=MEMORY_LAYERS, k=k, positions=positions,
-                                      store_options=options, chunk_size=W)
-        adapters[backend].feed(torch.full((1, W), 0), search=False)  # makes the store (ids 0 .. W-1)
-        adapters[backend].reset()  # ids go on from W: they are never reused
     bare = AutoModelForCausalLM.from_pretrained(path).eval()
-    exact = adapters["exact"]
-    layer = MEMORY_LAYERS[0]
-    fed, fill_s, add_s = 0, 0.0, dict.fromkeys(backends, 0.0)
+    reader = _attach(path, "exact", positions, k, W, {})
+    source = reader.stores[MEMORY_LAYERS[0]]
+    fed, fill_s = 0, 0.0
     results = []
     for size in sizes:
         start = time.perf_counter()
-        while fed < size:  # the model reads the dictionary into the exact store, window by window
+        while fed < size:  # the model reads the dictionary into the exact store, many windows per forward
             n = min(FEED_TOKENS, size - fed)
             first, last = fed // SLOT, (fed + n) // SLOT
-            tokens = task.entries(codes[first:last], values[first:last]).view(1, -1)
-            exact.feed(tokens, search=False)
+            reader.feed(task.entries(codes[first:last], values[first:last]).view(1, -1), search=False)
             fed += n
         fill_s += time.perf_counter() - start
         ids, where, answers = query_windows(task, codes[: size // SLOT], values[: size // SLOT], queries, seed + 1)
@@ -93,28 +87,43 @@ def _evaluate_model(name, path, sizes, backends, queries, k, seed, max_rows, wor
         results.append({"model": name, "backend": "window only", "tokens": size, "accuracy": window_only,
                         "query_ms": 1e3 * bare_s / answers.numel()})
         log(f"{name} {size:,} tokens: window only {window_only:.3f}")
-        for backend, adapter in adapters.items():
-            store = adapter.stores[layer]
+        for backend in backends:
             if size > max_rows.get(backend, size):
                 continue
-            if backend != "exact":
-                add_s[backend] += _copy_rows(exact.stores[layer], store, base=W)
+            lmdb = work / f"{name}-lmdb-{size}"
+            adapter = reader if backend == "exact" else _attach(
+                path, backend, positions, k, W, {"path": str(lmdb)} if backend == "lmdb" else {})
+            store = adapter.stores[MEMORY_LAYERS[0]]
+            add_s = 0.0 if adapter is reader else _copy_rows(source, store, base=W)
             acc, query_s = _accuracy(adapter.model, ids, where, answers)
             results.append({"model": name, "backend": backend, "tokens": size, "accuracy": acc,
-                            "fill_s": fill_s + add_s[backend], "add_s": add_s[backend],
-                            "query_ms": 1e3 * query_s / answers.numel(), "rows": len(store),
-                            "disk_mb": _disk_mb(work / f"{name}-lmdb") if backend == "lmdb" else 0.0,
-                            "ram_mb": _ram_mb(store)})
-            log(f"{name} {size:,} tokens: {backend} {acc:.3f} (fill {fill_s + add_s[backend]:.0f} s, "
+                            "fill_s": fill_s + add_s, "add_s": add_s, "query_ms": 1e3 * query_s / answers.numel(),
+                            "rows": len(store), "disk_mb": _disk_mb(lmdb), "ram_mb": _ram_mb(store)})
+            log(f"{name} {size:,} tokens: {backend} {acc:.3f} (fill {fill_s + add_s:.0f} s, add {add_s:.0f} s, "
                 f"{results[-1]['query_ms']:.2f} ms/query)")
-    for adapter in adapters.values():
-        adapter.detach()
+            if adapter is not reader:
+                adapter.detach()
+                shutil.rmtree(lmdb, ignore_errors=True)
+    reader.detach()
     return results
+
+
+def _attach(path: Path, backend: str, positions: str, k: int, W: int, options: dict[str, Any]):
+    """A fresh copy of the model at ``path`` with an empty ``backend`` memory (bfloat16) whose ids start at W."""
+    from kvmem.adapters import hf
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    adapter = hf.attach(model, backend=backend, layers=MEMORY_LAYERS, k=k, positions=positions,
+                        store_options={"dtype": torch.bfloat16, **options}, chunk_size=W)
+    adapter.feed(torch.full((1, W), 0), search=False)  # makes the store (ids 0 .. W-1)
+    adapter.reset()  # ids go on from W: they are never reused
+    return adapter
 
 
 def _copy_rows(source: Any, store: Any, base: int) -> float:
     """Add the rows of ``source`` (ids from ``base``) that ``store`` lacks; returns the seconds of the adds."""
-    seconds, block = 0.0, 1 << 18
+    seconds, block = 0.0, 1 << 22  # ivf trains once on a copy up to 4M rows
     for first in range(len(store), len(source), block):
         ids = base + torch.arange(first, min(first + block, len(source)))
         keys, values = source.get(ids)
@@ -125,16 +134,33 @@ def _copy_rows(source: Any, store: Any, base: int) -> float:
 
 
 def _accuracy(model, ids, where, answers) -> tuple[float, float]:
-    """Fraction of answers predicted (argmax over the vocabulary) at the queries' k3 positions; seconds."""
-    correct, seconds = 0, 0.0
-    pos = torch.arange(ids.shape[1]).unsqueeze(0)
+    """Fraction of answer tokens predicted (argmax over the vocabulary) at the queries' k3 positions; seconds."""
+    logits, seconds = window_logits(model, ids)  # (n, W, V)
+    guess = logits.gather(1, where.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).argmax(-1)  # (n, U)
+    return float((guess == answers).float().mean()), seconds
+
+
+def window_logits(model, ids: torch.Tensor, batch: int = QUERY_WINDOWS) -> tuple[torch.Tensor, float]:
+    """Logits ``(n, W, V)`` of ``n`` windows ``ids (n, W)``, each run alone; seconds of the forwards.
+
+    ``batch`` windows run as one row with a block-diagonal causal mask and
+    positions ``0 .. W - 1`` in each block: each window attends to itself and
+    searches memory alone, as one window per forward would.
+    """
+    n, W = ids.shape
+    block = torch.ones(W, W, dtype=torch.bool).tril()
+    out, seconds = [], 0.0
     with torch.no_grad():
-        for w in range(ids.shape[0]):  # one window per forward: the memory has one partition per head
+        for first in range(0, n, batch):
+            rows = ids[first : first + batch]
+            m = rows.shape[0]
+            mask = torch.block_diag(*[block] * m)[None, None]  # (1, 1, m*W, m*W)
+            pos = torch.arange(W).repeat(m).unsqueeze(0)  # (1, m*W)
             start = time.perf_counter()
-            logits = model(input_ids=ids[w : w + 1], position_ids=pos, use_cache=False).logits[0]  # (W, V)
+            logits = model(input_ids=rows.reshape(1, -1), attention_mask=mask, position_ids=pos, use_cache=False).logits
             seconds += time.perf_counter() - start
-            correct += int((logits[where[w]].argmax(-1) == 2 + answers[w]).sum())
-    return correct / answers.numel(), seconds
+            out.append(logits[0].view(m, W, -1))
+    return torch.cat(out), seconds
 
 
 def _ram_mb(store: Any) -> float:
@@ -151,7 +177,8 @@ def render(data: Mapping[str, Any]) -> str:
     """Training summary, then accuracy by memory size, model and backend, then times and sizes."""
     lines = []
     for name, t in data["training"].items():
-        lines.append(f"- **{name}** (d = {t['train']['d']}): {t['steps']} steps in {t['seconds'] / 60:.1f} min, "
+        reached = ", ".join(f"d = {d} from step {i}" for d, i in t.get("phases", [(t["train"]["d"], 0)]))
+        lines.append(f"- **{name}** ({reached}): {t['steps']} steps in {t['seconds'] / 60:.1f} min, "
                      f"final loss {t['final_loss']:.3f} (mean of the last 50 steps; chance "
                      f"ln {t['task']['values']} = {math.log(t['task']['values']):.2f})")
     results = data["results"]
@@ -209,7 +236,7 @@ def reproduce(out: Path, sizes: Sequence[int] = SIZES, threads: int = 1, **kwarg
     """Train the CrossBatch model and the d = 1 control under ``out``, then :func:`run_eval` both."""
     torch.set_num_threads(threads)
     models = {}
-    for name, d in (("crossbatch", TrainConfig().d), ("control", 1)):
+    for name, d in (("crossbatch", TrainConfig().d), ("control", "1")):
         train(Task(), TrainConfig(d=d), out / name, log=lambda m: print(m, flush=True))
         models[name] = out / name
     return run_eval(models, sizes, BACKENDS, out, log=lambda m: print(m, flush=True), **kwargs)
@@ -219,8 +246,8 @@ def quick(out: Path) -> dict[str, Any]:
     """Everything at tiny sizes: two 20-step trainings, memories of 320 and 640 tokens, every backend."""
     task = Task(keys=8, values=8, window=20)
     models = {}
-    for name, d in (("crossbatch", 2), ("control", 1)):
-        config = TrainConfig(d=d, docs=2, windows=3, steps=20, minutes=5.0)
+    for name, d in (("crossbatch", "1,2"), ("control", "1")):
+        config = TrainConfig(d=d, docs=2, windows=3, steps=20, minutes=5.0, hidden=32, heads=2, head_dim=16)
         train(task, config, out / name, log=lambda *_: None)
         models[name] = out / name
     return run_eval(models, [320, 640], BACKENDS, out, queries=8, max_rows={}, log=lambda *_: None)
@@ -239,7 +266,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     e.add_argument("--sizes", default=",".join(map(str, SIZES)))
     e.add_argument("--backends", default=",".join(BACKENDS))
     e.add_argument("--queries", type=int, default=512)
-    e.add_argument("--max-rows", default="hnsw=4194304", help="backend=rows,... largest memory per backend")
+    e.add_argument("--k", type=int, default=4, help="memory rows each query attends to")
+    e.add_argument("--max-rows", default=",".join(f"{b}={n}" for b, n in MAX_ROWS.items()),
+                   help="backend=rows,... largest memory per backend")
     e.add_argument("--out", required=True)
     r = sub.add_parser("report", help="merge eval folders (models evaluated in separate processes)")
     r.add_argument("--runs", required=True, help="comma-separated eval --out folders")
@@ -260,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         models = {Path(p).name: Path(p) for p in args.models.split(",")}
         limits = {b: int(n) for b, n in (kv.split("=") for kv in args.max_rows.split(",") if kv)}
         run_eval(models, [int(s) for s in args.sizes.split(",")], args.backends.split(","), Path(args.out),
-                 queries=args.queries, max_rows=limits, log=lambda m: print(m, flush=True))
+                 queries=args.queries, k=args.k, max_rows=limits, log=lambda m: print(m, flush=True))
     elif args.command == "report":
         merged: dict[str, Any] = {"training": {}, "results": []}
         for run in args.runs.split(","):

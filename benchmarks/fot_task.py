@@ -1,6 +1,7 @@
 """The dictionary-lookup task of :mod:`kvmem.benchmarks.fot_lookup`, its model, and CrossBatch training.
 
-Tokens: ``SEP``, ``ASK``, ``values`` value tokens and ``keys`` key tokens.
+Tokens: ``SEP``, ``ASK``, ``values`` value tokens and ``keys`` key tokens for
+each of the three key positions (``split``; or ``keys`` shared by all three).
 A dictionary entry is ``SEP k1 k2 k3 v``; a query is ``ASK k1 k2 k3 v``: at
 ``k3`` the model must predict ``v``. In memory the row of ``v`` holds the
 value token itself and, through the first layer's attention, the key tokens
@@ -31,13 +32,14 @@ SLOT = 5  # tokens of an entry or a query
 
 @dataclass(frozen=True)
 class Task:
-    keys: int = 256  # key-token vocabulary; a key is 3 of them (keys ** 3 distinct keys)
+    keys: int = 256  # key tokens per key position; a key is 3 of them (keys ** 3 distinct keys)
     values: int = 64  # value tokens; chance is 1 / values
     window: int = 5  # tokens per window: window // 5 entries or queries
+    split: bool = True  # each key position has its own ``keys`` tokens (False: the three share them)
 
     @property
     def vocab(self) -> int:
-        return 2 + self.values + self.keys
+        return 2 + self.values + self.keys * (3 if self.split else 1)
 
     @property
     def slots(self) -> int:
@@ -54,35 +56,49 @@ class Task:
     def _key(self, codes: torch.Tensor) -> torch.Tensor:
         K = self.keys
         digits = torch.stack([codes // (K * K), (codes // K) % K, codes % K], 1)  # (n, 3)
+        if self.split:
+            digits = digits + K * torch.arange(3, device=codes.device)
         return 2 + self.values + digits
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    d: int = 8  # CrossBatch documents per memory (1: own previous window only)
-    d_warmup: int = 0  # first steps trained with d = 1 (the value path), then d
+    d: str = "1,2,4,8,16,32"  # CrossBatch documents per memory, a curriculum: the next when the loss is below `advance`
+    advance: float = 0.3  # loss (mean of the last 50 steps) that moves training to the next d
+    hard: float = 0.0  # in the last d: fraction of documents whose key is the previous one's, one token changed
     docs: int = 32  # documents per batch
     windows: int = 2  # windows per document: entries, queries, entries, ...
     steps: int = 6000  # at most; training also stops at `minutes`
-    minutes: float = 15.0
-    lr: float = 5e-3
+    minutes: float = 25.0
+    lr: float = 1e-3
     warmup: int = 100
     positions: str = "none"  # memory position mode
+    hidden: int = 128
+    heads: int = 4  # query heads of head_dim; one key-value head
+    head_dim: int = 32
     seed: int = 0
 
+    @property
+    def schedule(self) -> list[int]:
+        return [int(x) for x in str(self.d).split(",")]
 
-def training_batch(task: Task, docs: int, windows: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+
+def training_batch(task: Task, docs: int, windows: int, gen: torch.Generator,
+                   hard: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, labels), both (docs, windows * window); labels are -100 except at the answers.
 
     Even windows hold ``slots`` entries, odd windows ``slots`` queries about the
     entries of the window before, in random order (as at evaluation: a window
-    of queries, the dictionary in memory).
+    of queries, the dictionary in memory). A ``hard`` fraction of documents
+    take the keys of the document before with one key token changed: to its
+    queries those are negatives that differ in one token, as in a large
+    dictionary.
     """
     U = task.slots
     ids = torch.full((docs, windows, task.window), SEP, dtype=torch.long)
     labels = torch.full_like(ids, -100)
     for j in range(0, windows, 2):
-        codes = torch.randint(0, task.keys**3, (docs, U), generator=gen)
+        codes = _keys(task, docs, U, hard, gen)
         vals = torch.randint(0, task.values, (docs, U), generator=gen)
         ids[:, j, : U * SLOT] = task.entries(codes.flatten(), vals.flatten()).view(docs, -1)
         if j + 1 < windows:
@@ -91,6 +107,22 @@ def training_batch(task: Task, docs: int, windows: int, gen: torch.Generator) ->
             ids[:, j + 1, : U * SLOT] = q.view(docs, -1)
             labels[:, j + 1, 4 : U * SLOT : SLOT] = q[:, :, -1]
     return ids.view(docs, -1), labels.view(docs, -1)
+
+
+def _keys(task: Task, docs: int, U: int, hard: float, gen: torch.Generator) -> torch.Tensor:
+    """(docs, U) key codes; a ``hard`` fraction are the previous document's with one digit redrawn."""
+    K = task.keys
+    codes = torch.randint(0, K**3, (docs, U), generator=gen)
+    if hard <= 0:
+        return codes
+    near = torch.rand(docs, generator=gen) < hard
+    for b in range(1, docs):
+        if near[b]:
+            place = K ** torch.randint(0, 3, (U,), generator=gen)  # (U,) the digit to redraw
+            old = codes[b - 1] // place % K
+            new = (old + torch.randint(1, K, (U,), generator=gen)) % K
+            codes[b] = codes[b - 1] + (new - old) * place
+    return codes
 
 
 def dictionary(task: Task, entries: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +135,7 @@ def dictionary(task: Task, entries: int, seed: int) -> tuple[torch.Tensor, torch
 
 
 def query_windows(task: Task, codes: torch.Tensor, values: torch.Tensor, n: int, seed: int):
-    """(ids (w, window), answer positions (w, slots), answers (w, slots)) for ``n`` distinct entries."""
+    """(ids (w, window), answer positions (w, slots), answer tokens (w, slots)) for ``n`` distinct entries."""
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(codes), generator=gen)[:n]
     U = task.slots
@@ -115,40 +147,52 @@ def query_windows(task: Task, codes: torch.Tensor, values: torch.Tensor, n: int,
     return ids, where, q.view(-1, U, SLOT)[:, :, -1]
 
 
-def make_model(task: Task, seed: int = 0):
-    """A 2-layer Llama (hidden 128, 4 query heads of dim 32, one key-value head), random."""
+def make_model(task: Task, config: TrainConfig | None = None):
+    """A 2-layer Llama (``config``'s width, one key-value head), random (seeded by ``config.seed``)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=1, head_dim=32, vocab_size=task.vocab,
-                         max_position_embeddings=4 * task.window, tie_word_embeddings=False)
-    return AutoModelForCausalLM.from_config(config)
+    config = TrainConfig() if config is None else config
+    torch.manual_seed(config.seed)
+    llama = LlamaConfig(hidden_size=config.hidden, intermediate_size=2 * config.hidden, num_hidden_layers=2,
+                        num_attention_heads=config.heads, num_key_value_heads=1, head_dim=config.head_dim,
+                        vocab_size=task.vocab, max_position_embeddings=4 * task.window, tie_word_embeddings=False)
+    return AutoModelForCausalLM.from_config(llama)
 
 
 MEMORY_LAYERS = [1]
 
 
 def train(task: Task, config: TrainConfig, out: Path | None = None, log: Any = print) -> dict[str, Any]:
-    """Train a fresh model with CrossBatch; save it (safetensors) under ``out``; return the log."""
+    """Train a fresh model with CrossBatch; save it (safetensors) under ``out``; return the log.
+
+    ``config.d`` is a curriculum: training moves to the next d once the mean
+    loss of the last 50 steps of the current one is below ``config.advance``,
+    and spends the rest of its steps or minutes on the last, where a
+    ``config.hard`` fraction of documents are hard negatives (:func:`training_batch`).
+    """
     from kvmem.adapters import hf
 
-    model = make_model(task, config.seed).train()
+    model = make_model(task, config).train()
     adapter = hf.attach(model, backend="exact", layers=MEMORY_LAYERS, positions=config.positions,
                         chunk_size=task.window)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(config.seed + 1)
-    losses, start = [], time.perf_counter()
-    for phase_d, first, last in ((1, 0, config.d_warmup), (config.d, config.d_warmup, config.steps)):
+    losses: list[float] = []
+    phases: list[tuple[int, int]] = []  # (d, first step)
+    start, i, schedule = time.perf_counter(), 0, config.schedule
+    for n, phase_d in enumerate(schedule):
+        phases.append((phase_d, i))
         with adapter.crossbatch(d=phase_d, window=task.window) as step:
-            for i in range(first, last):
+            while True:
                 done = max(i / config.steps, (time.perf_counter() - start) / (60 * config.minutes))
-                if done >= 1:
+                recent = losses[-50:] if i - phases[-1][1] >= 50 else [math.inf]
+                if done >= 1 or (n + 1 < len(schedule) and sum(recent) / len(recent) < config.advance):
                     break
                 lr = config.lr * min(1.0, (i + 1) / config.warmup) * (0.55 + 0.45 * math.cos(math.pi * done))
                 for group in opt.param_groups:
                     group["lr"] = lr
-                ids, labels = training_batch(task, config.docs, config.windows, gen)
+                hard = config.hard if n + 1 == len(schedule) else 0.0
+                ids, labels = training_batch(task, config.docs, config.windows, gen, hard)
                 loss = step(ids, labels).loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -158,8 +202,11 @@ def train(task: Task, config: TrainConfig, out: Path | None = None, log: Any = p
                 if i % 50 == 0:
                     log(f"step {i} d {phase_d} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
                         f"({time.perf_counter() - start:.0f} s)")
+                i += 1
+        if done >= 1:
+            break
     adapter.detach()
-    record = {"task": asdict(task), "train": asdict(config), "steps": len(losses),
+    record = {"task": asdict(task), "train": asdict(config), "steps": len(losses), "phases": phases,
               "seconds": time.perf_counter() - start, "losses": losses,
               "final_loss": sum(losses[-50:]) / max(1, len(losses[-50:]))}
     if out is not None:

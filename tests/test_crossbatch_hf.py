@@ -9,7 +9,16 @@ pytest.importorskip("transformers")
 
 from kvmem.adapters import hf  # noqa: E402
 from kvmem.benchmarks import fot_lookup  # noqa: E402
-from kvmem.benchmarks.fot_task import Task, TrainConfig, train, training_batch  # noqa: E402
+from kvmem.benchmarks.fot_task import (  # noqa: E402
+    MEMORY_LAYERS,
+    Task,
+    TrainConfig,
+    dictionary,
+    make_model,
+    query_windows,
+    train,
+    training_batch,
+)
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from kvmem.errors import InvalidInputError, KvmemError  # noqa: E402
@@ -67,7 +76,8 @@ def test_gradients_reach_the_negatives_and_only_them():
 
 def test_a_50_step_run_lowers_the_loss():
     task = Task(keys=8, values=8, window=20)
-    record = train(task, TrainConfig(d=2, docs=4, windows=2, steps=50, warmup=5, minutes=5.0), log=lambda *_: None)
+    config = TrainConfig(d="2", docs=4, windows=2, steps=50, warmup=5, lr=5e-3, hidden=32, heads=2, head_dim=16)
+    record = train(task, config, log=lambda *_: None)
     losses = record["losses"]
     assert len(losses) == 50
     assert sum(losses[-10:]) / 10 < 0.85 * losses[0]
@@ -137,6 +147,58 @@ def test_fot_lookup_runs_end_to_end(tmp_path):
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in data["results"])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "crossbatch")  # safetensors checkpoint
     assert (tmp_path / "crossbatch" / "model.safetensors").exists() and reloaded.config.num_hidden_layers == 2
-    assert json.loads((tmp_path / "fot_lookup.json").read_text())["training"]["control"]["train"]["d"] == 1
+    assert json.loads((tmp_path / "fot_lookup.json").read_text())["training"]["control"]["train"]["d"] == "1"
     assert (tmp_path / "fot_lookup.png").stat().st_size > 0
     assert "memory tokens" in fot_lookup.render(data)
+
+
+def test_query_windows_batched_in_one_forward_score_as_one_window_per_forward():
+    task = Task(keys=8, values=8, window=10)
+    config = TrainConfig(hidden=32, heads=2, head_dim=16)
+    model = make_model(task, config).eval()
+    adapter = hf.attach(model, layers=MEMORY_LAYERS, k=4, positions="none", chunk_size=10)
+    codes, values = dictionary(task, 40, 0)
+    adapter.feed(task.entries(codes, values).view(1, -1), search=False)
+    ids, _, _ = query_windows(task, codes, values, 14, 1)  # 7 windows of 2 queries
+    alone = torch.cat([fot_lookup.window_logits(model, ids[w : w + 1], batch=1)[0] for w in range(7)])
+    batched, _ = fot_lookup.window_logits(model, ids, batch=3)  # forwards of 3, 3 and 1 windows
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-5)
+    adapter.detach()
+
+
+def test_the_d_curriculum_moves_on_when_the_loss_is_below_advance():
+    task = Task(keys=8, values=8, window=10)
+    small = {"docs": 2, "windows": 2, "warmup": 5, "hidden": 16, "heads": 2, "head_dim": 8}
+    moves = train(task, TrainConfig(d="1,2", advance=100.0, steps=55, **small), log=lambda *_: None)
+    assert moves["phases"] == [(1, 0), (2, 50)] and moves["steps"] == 55  # 50 steps at least per d
+    stays = train(task, TrainConfig(d="1,2", advance=0.0, steps=55, **small), log=lambda *_: None)
+    assert stays["phases"] == [(1, 0)] and stays["steps"] == 55
+
+
+def test_hard_negatives_share_all_but_one_key_token_with_the_document_before():
+    task = Task(keys=8, values=8, window=10)
+    ids, _ = training_batch(task, 6, 2, torch.Generator().manual_seed(0), hard=1.0)
+    keys = ids[:, :10].view(6, 2, 5)[:, :, 1:4]  # (docs, slots, 3) the entries' key tokens
+    assert ((keys[1:] != keys[:-1]).sum(-1) == 1).all()
+    easy, _ = training_batch(task, 6, 2, torch.Generator().manual_seed(0))
+    assert ((easy[1:, 1:4] != easy[:-1, 1:4]).sum(-1) > 1).any()
+
+
+def test_each_key_position_has_its_own_tokens():
+    task = Task(keys=8, values=8, window=5)
+    tokens = task.entries(torch.arange(512), torch.zeros(512, dtype=torch.long))  # every key once
+    for i in range(3):
+        assert set(tokens[:, 1 + i].tolist()) == set(range(10 + 8 * i, 18 + 8 * i))
+    assert task.vocab == 2 + 8 + 24 and Task(keys=8, values=8, split=False).vocab == 18
+
+
+def test_an_oracle_answers_every_query():
+    class Oracle:  # logits at position t name the token at t + 1
+        def __call__(self, input_ids, **_):
+            nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], 1)
+            return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, task.vocab).float()})
+
+    task = Task(keys=8, values=8, window=10)
+    codes, values = dictionary(task, 40, 0)
+    ids, where, answers = query_windows(task, codes, values, 14, 1)
+    assert fot_lookup._accuracy(Oracle(), ids, where, answers)[0] == 1.0
