@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import torch
 
 import kvmem
 from kvmem.errors import CorruptStoreError, InvalidInputError
+from kvmem.testing.child import run_child
 
 transformers = pytest.importorskip("transformers")
 from kvmem.adapters import hf  # noqa: E402
@@ -271,8 +268,7 @@ def test_save_load_in_new_process_continues_like_uninterrupted(tmp_path, backend
 
     np.save(tmp_path / "rest.npy", rest.numpy())
     args = [str(tmp_path / "model"), str(tmp_path / "memory"), str(tmp_path / "rest.npy"), "352"]
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), *args], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_child(SCRIPT, args=args)                                      # a new process: nothing shared but files
     got = np.load(tmp_path / "rest.npy")
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= 1e-5

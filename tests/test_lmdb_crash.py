@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import multiprocessing as mp
 import os
 import random
 import signal
@@ -23,6 +22,7 @@ import torch
 
 import kvmem
 from kvmem.testing import BruteForceMemory, check_search
+from kvmem.testing.child import forkserver
 
 pytestmark = pytest.mark.slow
 
@@ -93,8 +93,7 @@ def test_killed_writers_lose_no_acknowledged_batch(tmp_path, options):
     path = tmp_path / "mem"
     kvmem.create("lmdb", path=path, dim=DIM, value_dim=VALUE_DIM, partitions=P, capacity=CAPACITY,
                  block_rows=64, **options).close()
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "kvmem", "kvmem.stores.lmdb", __name__])
+    ctx = forkserver()
     rng = random.Random(0)
     acked = -1
     for _ in range(KILLS):

@@ -1,4 +1,4 @@
-"""Every Python example in README.md runs as written (in a fresh process, in a scratch folder), and
+"""Every Python example in README.md runs as written (in a new process, in a scratch folder), and
 prints what its comments say: a line ``print(x)  # -> VALUE (explanation)`` must print ``VALUE``."""
 
 import re
@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from kvmem.testing.child import run_child
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -44,6 +46,7 @@ def test_readme_example_runs(index, tmp_path):
     code = BLOCKS[index]
     if "class TestMyStore" in code:
         pytest.skip("a test-class template for third-party backends, not a script")
-    proc = subprocess.run([sys.executable, "-c", checked(code)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"README example {index} failed:\n{code}\n{proc.stderr[-3000:]}"
+    try:
+        run_child(checked(code), timeout=600, cwd=tmp_path)
+    except AssertionError as exc:
+        raise AssertionError(f"README example {index} failed:\n{code}\n{str(exc)[-3000:]}") from None
