@@ -54,7 +54,7 @@ from kvmem.inputs import check_rows
 from . import dense
 from .rope import Rotary
 
-__all__ = ["POSITION_MODES", "MemoryAttentionConfig", "MemoryAttention", "memory_attention", "check_k"]
+__all__ = ["POSITION_MODES", "MemoryAttentionConfig", "MemoryAttention", "memory_attention", "check_k", "check_4d"]
 
 POSITION_MODES = ("absolute", "first", "none")
 ALL = "all"  # k: attend to every memory row (dense memory attention)
@@ -193,11 +193,16 @@ def _local_mask(mask, B, H, T, Tl, device) -> torch.Tensor:
     return mask.to(device)
 
 
-def _check(query, key, value, store, k, memory_query, memory_key, gate):
+def check_4d(query: Any, key: Any, value: Any) -> None:
+    """``query``, ``key`` and ``value`` must be 4-D floating tensors; else :class:`InvalidInputError` naming one."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4 or not t.is_floating_point():
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise InvalidInputError(f"{name}: expected a 4-D floating tensor, got {got}")
+
+
+def _check(query, key, value, store, k, memory_query, memory_key, gate):
+    check_4d(query, key, value)
     B, H, T, d = query.shape
     Bk, Hkv, Tl, dk = key.shape
     if (Bk, dk) != (B, d) or Hkv == 0 or H % Hkv:
@@ -324,10 +329,7 @@ class MemoryAttention(nn.Module):
         ``arange(T)``); ``key_position_ids`` default to the ``Tl`` positions
         ending at the last query's.
         """
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, torch.Tensor) or t.ndim != 4 or not t.is_floating_point():
-                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise InvalidInputError(f"{name}: expected a 4-D floating tensor, got {got}")
+        check_4d(query, key, value)
         if query.shape[1] != self.config.num_heads:
             raise InvalidInputError(
                 f"query: expected (B, {self.config.num_heads}, T, d), got {tuple(query.shape)}"

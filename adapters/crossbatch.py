@@ -41,7 +41,7 @@ import torch
 
 from kvmem.errors import InvalidInputError, KvmemError
 
-from .attention import POSITION_MODES, _local_mask, _softmax
+from .attention import POSITION_MODES, _local_mask, _softmax, check_4d
 from .rope import Rotary
 
 __all__ = ["crossbatch_attention", "crossbatch_forward", "memory_sources", "CrossBatchTraining"]
@@ -330,10 +330,7 @@ def _check_settings(docs: int, windows: int, d: Any) -> None:
 
 
 def _check(query, key, value, memory_query, memory_key, gate):
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor) or t.ndim != 4 or not t.is_floating_point():
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise InvalidInputError(f"{name}: expected a 4-D floating tensor, got {got}")
+    check_4d(query, key, value)
     R, H, W, dh = query.shape
     Hkv = key.shape[1]
     if key.shape[0] != R or key.shape[2:] != (W, dh) or Hkv == 0 or H % Hkv:

@@ -238,3 +238,37 @@ def test_position_ids_per_batch_row(mode):
         for got, want in zip(both, rows):
             assert (got[b:b + 1] - want).abs().max().item() < 1e-5
     assert (both[1][0] - both[1][1]).abs().max() > 1e-3      # the rows really differ
+
+
+def test_each_bad_argument_is_named_in_its_error():
+    (q, k, v), = chunks(7, (3,))
+    cases = [((None, k, v), {}, "query: expected a 4-D floating tensor, got NoneType"),
+             ((q, k.long(), v), {}, r"key: expected a 4-D floating tensor, got torch.int64 \(2, 2, 3, 16\)"),
+             ((q, k, v[0]), {}, r"value: expected a 4-D floating tensor, got torch.float32 \(2, 3, 16\)"),
+             ((q, k.tolist(), v), {}, "key: expected a 4-D floating tensor, got list")]
+    for args, kwargs, message in cases:                          # the functional form and the module alike
+        with pytest.raises(InvalidInputError, match=message):
+            memory_attention(*args, make_store(), 2, **kwargs)
+        with pytest.raises(InvalidInputError, match=message):
+            MemoryAttention(make_store(), num_heads=H, k=2, rope=RotaryEmbedding(D))(*args, **kwargs)
+    layer = MemoryAttention(make_store(), num_heads=H, k=2, rope=RotaryEmbedding(D))
+    for name in ("position_ids", "key_position_ids"):
+        message = rf"{name}: expected integer positions \(3,\) or \(1 or 2, 3\), got torch.float32 \(3,\)"
+        with pytest.raises(InvalidInputError, match=message):
+            layer(q, k, v, **{name: torch.arange(3.0)})
+    assert len(layer.store) == 0
+
+
+def test_defaults_and_every_valid_setting_are_accepted():
+    store = make_store()
+    layer = MemoryAttention(store, num_heads=H)                 # positions "absolute", top-k 32, no gate
+    assert (layer.config.positions, layer.config.k, layer.config.gate) == ("absolute", 32, False)
+    (q, k, v), = chunks(8, (5,))
+    got = MemoryAttention(make_store(), num_heads=H, scaling=0.125)(q, k, v)        # scaling below 1
+    want = reference(q, k, v, k[:, :, :0], v[:, :, :0], q, 32, 0.125)              # empty memory: local only
+    assert (got - want).abs().max() < 1e-5
+    assert (MemoryAttention(make_store(), num_heads=H)(q, k, v) - want).abs().max() > 1e-3   # 0.125 was used
+    assert MemoryAttention(make_store(), num_heads=H, k="all").config.k == "all"
+    for bad in ("ALL", "every", "", 2.0, True, -1):
+        with pytest.raises(InvalidInputError, match='k: expected an int >= 0 or "all"'):
+            MemoryAttention(make_store(), num_heads=H, k=bad)
