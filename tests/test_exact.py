@@ -217,3 +217,60 @@ def test_a_score_does_not_depend_on_where_its_key_sits_among_the_candidates():
                                exact_scores(queries, keys[:, :, perm], metric)), (dim, c, metric)
 
 
+
+
+class _Norms:
+    """What the certificate reads of a key source: rows held and the largest |k|^2."""
+
+    def __init__(self, sqnorm: float, count: int) -> None:
+        self.sqnorm, self.count = sqnorm, count
+
+    def max_sqnorm(self) -> torch.Tensor:
+        return torch.tensor([self.sqnorm])
+
+    def counts(self) -> np.ndarray:
+        return np.array([self.count])
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_the_certificate_bounds_the_rows_the_matmul_multiplied(metric):
+    """A left-out key closer to the k-th than u * d' * |query row| * |key row| (the rounding of one float32
+    dot product of the rows of the module docstring's table, l2's key row [k, |k|^2]) is never certified;
+    one a hundred times further is."""
+    d, sqnorm = 8, 100.0
+    queries = torch.ones(1, 1, d)
+    qrows = topk._rank_rows(queries, metric)
+    krow = {"ip": sqnorm ** 0.5, "l2": (sqnorm + sqnorm ** 2) ** 0.5, "cos": 1.0}[metric]
+    simple = 2.0 ** -24 * qrows.shape[-1] * float(qrows.norm()) * krow
+    kth = -float(queries.pow(2).sum()) if metric == "l2" else 0.0              # the k-th score: r = 0
+    best = torch.full((1, 1, 4), kth)
+    for gap, certified in ((simple / 2, False), (simple * 100, True)):
+        approx = torch.full((1, 1, 12), 0.0)
+        approx[..., -1] = -gap                                                # the best key left out
+        got = topk._certified(queries, qrows, approx, best, _Norms(sqnorm, 100), metric, 2.0 ** -24, False)
+        assert bool(got) is certified, (gap, simple)
+
+
+def test_auto_ranking_takes_bfloat16_where_the_cpu_has_either_fast_path(monkeypatch):
+    cpu = torch.device("cpu")
+    for bf16, amx in ((True, False), (False, True), (True, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        want = torch.bfloat16 if bf16 or amx else None
+        assert topk.fast_rank_dtype(cpu) is want
+        assert topk.rank_dtype_for("auto", 64, torch.float32, "ip", cpu) is want
+        assert topk.rank_dtype_for("auto", 1, torch.bfloat16, "ip", cpu) is want      # bf16 keys enter as they are
+        assert topk.rank_dtype_for("auto", 1, torch.float32, "ip", cpu) is None       # a matvec: float32
+        assert topk.rank_dtype_for("fp32", 64, torch.float32, "ip", cpu) is None
+        assert topk.rank_dtype_for("bf16", 1, torch.float32, "l2", cpu) is torch.bfloat16
+
+
+def test_few_query_searches_in_a_fresh_process_limit_blas_threads(monkeypatch):
+    """A search of fewer than 8 queries runs NumPy's BLAS on one thread; the first one creates the controller."""
+    pytest.importorskip("threadpoolctl")
+    monkeypatch.setattr(topk, "_CONTROLLER", None)
+    gen = _gen(9)
+    store, model = _filled(torch.randn(1, 3000, 16, generator=gen), "ip", "fp32")
+    queries = torch.randn(1, 2, 16, generator=gen)
+    check_search(store.search(queries, 8), model, queries, 8, exact=True)
+    assert topk._CONTROLLER is not None
