@@ -12,7 +12,7 @@ import json
 import math
 
 import pytest
-from kvmem.benchmarks import adapter_forward, ann, exact_flat, hnsw_beam, lmdb_bench, lookup, make_results
+from kvmem.benchmarks import adapter_forward, ann, exact_flat, exact_parts, hnsw_beam, lmdb_bench, lookup, make_results
 from kvmem.benchmarks.report import BenchResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -26,6 +26,14 @@ def test_exact_flat_small(tmp_path):
     assert json.loads((tmp_path / "exact.json").read_text())["batched"]["n"] == 3000
     text = exact_flat.render(out)
     assert "time / faiss" in text and "One query at a time" in text
+
+
+def test_exact_parts_small():
+    pytest.importorskip("faiss")
+    out = exact_parts.measure(size=3000, dim=16, queries=40, rounds=1, block=1024)
+    assert out["uncertified"] >= 0 and out["size"] == 3000
+    assert set(out["seconds"]) == {"matmul", "select", "interleaved", "search", "faiss"}
+    assert all(t > 0 for t in out["seconds"].values()) and out["search_vs_faiss"] > 0
 
 
 @pytest.mark.filterwarnings("ignore:(ivf|hnsw). the index cannot reach")   # tiny Gaussian data: exact, rightly
