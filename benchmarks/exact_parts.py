@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -29,17 +27,8 @@ import torch
 import kvmem
 from kvmem import topk
 
+from .contenders import timed
 from .datasets import load_dataset
-
-
-def _median_time(call: Callable[[], object], calls: int = 5) -> float:
-    call()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def measure(size: int = 200_000, dim: int = 128, queries: int = 1000, k: int = 32, rounds: int = 3,
@@ -92,7 +81,7 @@ def measure(size: int = 200_000, dim: int = 128, queries: int = 1000, k: int = 3
     times = {name: [] for name in parts}
     for _ in range(rounds):
         for name, call in parts.items():
-            times[name].append(_median_time(call))
+            times[name].append(timed(call, 5)[0])
     seconds = {name: float(f"{np.median(t):.4g}") for name, t in times.items()}
     return {"size": size, "dim": dim, "queries": queries, "k": k, "uncertified": sum(failed),
             "rank_dtype": str(topk.rank_dtype_for("auto", queries, torch.float32, "ip", torch.device("cpu"))),
