@@ -4,7 +4,9 @@ A child is forked from a forkserver (``multiprocessing``'s) that has imported to
 backends' libraries, and nothing else: each child is a new process with none of the caller's state, and
 costs milliseconds rather than an interpreter start and a torch import (seconds, dozens of times a suite).
 The child runs the code as ``python -c`` would, with the caller's environment, working directory and
-``sys.argv``; its file descriptors 1 and 2 go to files, so native output is captured too.
+``sys.argv``; its file descriptors 1 and 2 go to files, so native output is captured too. The libraries
+the server imported read their own settings then: a variable they read only at import (a thread count,
+``OMP_NUM_THREADS``) reaches them from the environment of the first caller, not of later ones.
 """
 
 from __future__ import annotations
