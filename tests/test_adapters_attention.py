@@ -272,3 +272,18 @@ def test_defaults_and_every_valid_setting_are_accepted():
     for bad in ("ALL", "every", "", 2.0, True, -1):
         with pytest.raises(InvalidInputError, match='k: expected an int >= 0 or "all"'):
             MemoryAttention(make_store(), num_heads=H, k=bad)
+
+
+def test_keys_of_another_shape_and_bad_scalings_are_refused_and_a_broadcast_mask_is_taken():
+    (q, k, v), = chunks(10, (3,))
+    store = make_store()
+    for bad in (torch.randn(B, HKV, 3, D + 1), torch.randn(B + 1, HKV, 3, D)):            # head dim, batch
+        with pytest.raises(InvalidInputError, match=rf"key: expected \({B}, Hkv dividing {H}, Tl, {D}\)"):
+            memory_attention(q, bad, bad[..., :D], store, 2)
+    for scaling in (0, -0.5, float("inf"), float("nan"), "0.1"):
+        with pytest.raises(InvalidInputError, match="scaling: expected a finite number > 0 or None"):
+            MemoryAttention(store, num_heads=H, scaling=scaling)
+    assert len(store) == 0
+    causal = torch.ones(3, 3, dtype=torch.bool).tril().view(1, 1, 3, 3)                # one mask for every row
+    assert torch.equal(memory_attention(q, k, v, make_store(), 2, attention_mask=causal),
+                       memory_attention(q, k, v, make_store(), 2))
