@@ -294,3 +294,12 @@ def test_calibration_search_bisects_and_stops_at_a_plateau():
     unstructured = lambda value: (min(1.0, value / 2048), 0.001)                      # noqa: E731
     value, (recall, _) = smallest_value(unstructured, 1, 2048, 0.95)                  # recall ~ lists probed
     assert recall >= 0.95 and value >= 0.95 * 2048                                    # not stuck at nprobe 1
+
+
+def test_calibration_on_keys_is_reproducible():
+    """The stored keys a calibration samples as queries are drawn from a seed of the partition and its size:
+    the same store built twice (or reloaded elsewhere) picks the same knob from the same recall."""
+    base = clustered(4000, 16, queries=1, seed=3).base
+    first, second = (build(base, target_recall=0.9, train_size=2000, nlist=32) for _ in range(2))
+    assert first.calibration() == second.calibration()
+    assert first.calibration()[0].queries == 0                                   # on keys: nothing was asked
