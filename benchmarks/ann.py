@@ -50,7 +50,7 @@ import torch
 
 import kvmem
 
-from .contenders import add_rows, batches, prepared
+from .contenders import add_rows, batches, learn, prepared
 from .datasets import Dataset, load_dataset
 from .recall import GroundTruth, dataset_truth, recall_at_k
 from .report import BenchResult, format_table, machine_info, markdown_table, write_json
@@ -81,12 +81,15 @@ class AnnConfig:
 
 # ---------------------------------------------------------------------------------------------- building
 def build_kvmem(backend: str, data: Dataset, **options: Any) -> tuple[kvmem.MemoryStore, float]:
-    """A one-partition store (float32 unless ``dtype`` is given) of ``data.base`` added in batches, and its seconds."""
+    """A one-partition store (float32 unless ``dtype`` is given) of ``data.base`` added in batches, and its
+    seconds; then asked ``data.asked`` (if any) and frozen (:func:`~kvmem.benchmarks.contenders.learn`)."""
     start = time.perf_counter()
     dtype = options.pop("dtype", torch.float32)
     store = kvmem.create(backend, dim=data.dim, value_dim=1, metric=data.metric, dtype=dtype, **options)
     add_rows(store, data.base)
-    return store, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    learn(store, data)                                  # never from the queries it is measured on
+    return store, seconds
 
 
 def build_faiss_ivf(data: Dataset, nlist: int, seed: int = 0) -> tuple[Any, float]:

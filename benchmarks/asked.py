@@ -36,7 +36,7 @@ import torch
 import kvmem
 
 from .ann import build_faiss_ivf, build_hnswlib
-from .contenders import add_rows, prepared
+from .contenders import add_rows, learn, prepared
 from .datasets import Dataset, load_dataset
 from .recall import ground_truth, recall_at_k
 
@@ -93,11 +93,7 @@ def _kvmem_rows(backend: str, data: Dataset, truth, queries: torch.Tensor, confi
     store = kvmem.create(backend, dim=data.dim, value_dim=1, dtype=torch.float32, **options)
     add_rows(store, data.base)
     build_s = time.perf_counter() - start
-    asked = np.ascontiguousarray(data.asked, np.float32)
-    for lo in range(0, len(asked), 100):
-        store.search(torch.from_numpy(asked[lo:lo + 100]), config.k)
-    store._settle()
-    store.freeze()
+    learn(store, data, config.k)
     knob = store.param
 
     def row(params: dict, secs: float, ids: np.ndarray, **extra: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from kvmem.errors import InvalidInputError
 
 from .datasets import Dataset
 
-__all__ = ["Built", "Contender", "CONTENDERS", "contender", "add_rows", "batches", "prepared"]
+__all__ = ["Built", "Contender", "CONTENDERS", "contender", "add_rows", "batches", "learn", "prepared"]
 
 ADD_BATCH = 65536
 
@@ -61,6 +61,22 @@ def add_rows(store: kvmem.MemoryStore, base: np.ndarray) -> None:
         store.add(torch.from_numpy(rows), torch.zeros(len(rows), 1))
 
 
+def learn(store: kvmem.MemoryStore, data: Dataset, k: int = 32) -> None:
+    """Ask a store that learns from its queries (ivf, hnsw) the dataset's held-apart ``asked`` queries, in
+    batches of 100 as a model would, then freeze it: the queries it is measured on must never join its
+    sample, or its hub would hold their exact neighbours and the recall measured on them would be the
+    recall of questions it has seen answered. Without ``asked`` queries it stays calibrated on its keys.
+    Stores that do not learn (exact, lmdb) are left as they are."""
+    if "query_sample" not in kvmem.registry.resolve(store.backend).defaults:
+        return
+    if data.asked is not None:
+        asked = np.ascontiguousarray(data.asked, dtype=np.float32)
+        for lo in range(0, len(asked), 100):
+            store.search(torch.from_numpy(asked[lo:lo + 100]), min(k, len(store)))
+        store._settle()
+    store.freeze()
+
+
 class _Kvmem:
     def __init__(self, backend: str, data: Dataset, options: Mapping[str, Any]) -> None:
         opts = dict(options)
@@ -72,6 +88,7 @@ class _Kvmem:
             backend = "lmdb"
         self.store = kvmem.create(backend, dim=data.dim, value_dim=1, metric=data.metric, dtype=dtype, **opts)
         add_rows(self.store, data.base)
+        learn(self.store, data)
 
     @property
     def nbytes(self) -> int:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 from kvmem.benchmarks import adapter_forward, ann, exact_flat, exact_parts, hnsw_beam, lmdb_bench, lookup, make_results
 from kvmem.benchmarks.report import BenchResult
@@ -99,3 +100,19 @@ def test_make_results_renders_the_page_from_kept_json(tmp_path):
     assert text.startswith("# kvmem benchmark results") and make_results.SECTIONS["exact"].title in text
     assert "Machine:" in text and not math.isnan(data["batched"]["ratio"]["float32"])
     assert "(1 min)\n\n*Measured before X.*\n" in text
+
+
+@pytest.mark.filterwarnings("ignore:(ivf|hnsw). the index cannot reach")
+@pytest.mark.parametrize("backend", ["ivf", "hnsw"])
+def test_bench_stores_never_learn_from_the_queries_they_are_measured_on(backend):
+    """A store that learns is asked the dataset's held-apart queries, then frozen: measuring adds nothing to
+    its sample (else its hub would hold the measured queries' exact neighbours)."""
+    from kvmem.benchmarks.contenders import contender
+    from kvmem.benchmarks.datasets import clustered, ood
+
+    for data, asked in ((clustered(3000, 16, queries=50, seed=1), 0), (ood(3000, 16, queries=50, asked=200), 200)):
+        built = contender(backend).build(data, {})
+        for _ in range(3):
+            built.search(np.ascontiguousarray(data.queries), 10)
+        assert built.store.stats()["partitions"][0]["asked_sample"] == asked
+        built.close()
