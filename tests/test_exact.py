@@ -217,8 +217,6 @@ def test_a_score_does_not_depend_on_where_its_key_sits_among_the_candidates():
                                exact_scores(queries, keys[:, :, perm], metric)), (dim, c, metric)
 
 
-
-
 class _Norms:
     """What the certificate reads of a key source: rows held and the largest |k|^2."""
 
@@ -265,8 +263,9 @@ def test_auto_ranking_takes_bfloat16_where_the_cpu_has_either_fast_path(monkeypa
         assert topk.rank_dtype_for("bf16", 1, torch.float32, "l2", cpu) is torch.bfloat16
 
 
-def test_few_query_searches_in_a_fresh_process_limit_blas_threads(monkeypatch):
-    """A search of fewer than 8 queries runs NumPy's BLAS on one thread; the first one creates the controller."""
+def test_the_first_few_query_search_creates_the_blas_thread_controller(monkeypatch):
+    """A search of fewer than 8 queries runs NumPy's BLAS on one thread; in a fresh process (no controller
+    yet) the first one creates the controller, and the result is exact."""
     pytest.importorskip("threadpoolctl")
     monkeypatch.setattr(topk, "_CONTROLLER", None)
     gen = _gen(9)
