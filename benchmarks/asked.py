@@ -15,7 +15,7 @@ queries (``ood``, ``attention``):
   (``calibration()``), the recall it measured on keys used as queries, QPS;
 - the same stores with ``query_sample=0`` (the plain index, calibrated on keys as before);
 - the curve: recall@k against the fraction of the keys scored (ivf: the rows of the
-  lists probed plus the hub's candidates; hnsw: QPS instead, hnswlib counts no
+  lists probed plus the hub's lists probed; hnsw: QPS instead, hnswlib counts no
   distances), with the hub and without it, and raw faiss IVF / hnswlib on the same
   queries, over a sweep of the knob.
 """
@@ -66,7 +66,7 @@ def _timed(fn, repeats: int) -> tuple[float, Any]:
 
 
 def _ivf_scored(store: kvmem.MemoryStore, queries: torch.Tensor, nprobe: int) -> float:
-    """Mean fraction of partition 0's keys scored at ``nprobe``: the probed lists' rows and the hub's candidates."""
+    """Mean fraction of partition 0's keys scored at ``nprobe``: the probed lists' rows and the hub's."""
     import faiss
 
     part = store._parts[0]
@@ -80,9 +80,7 @@ def _ivf_scored(store: kvmem.MemoryStore, queries: torch.Tensor, nprobe: int) ->
     scored = sizes[lists].sum(-1)
     hub = store._hubs[0]
     if hub is not None:
-        cand = hub.candidates(store, 0, queries)
-        scored += torch.tensor([len(np.unique(r[r >= 0])) for r in cand.numpy()], dtype=torch.float64)
-        scored += len(hub.queries)                                                       # the hub's own scan
+        scored += hub.scored(queries).double()                                           # its lists and centroids
     return float(scored.mean()) / len(store)
 
 

@@ -1,5 +1,6 @@
 """Calibration on the queries a store is asked (ivf, hnsw): the sample, the hub, calibrate(), files."""
 
+import json
 import shutil
 
 import numpy as np
@@ -56,6 +57,9 @@ def test_calibration_rests_on_asked_queries_and_reports_what_they_get(asked_stor
     assert cal.queries == 500 and not cal.exact and 0 <= cal.key_recall <= 1   # recalibrated at 100, 200, 300, 500
     stats = store.stats()["partitions"][0]
     assert stats["asked_sample"] == len(data.asked) and stats["calibration"] == cal.to_dict()
+    hub = store._hubs[0]
+    assert store.nbytes() == store._table.nbytes() + store._parts[0].nbytes() + hub.nbytes()   # the hub is counted
+    assert hub.nbytes() >= sum(keys.numel() * 4 for _, keys, _ in hub.lists) > 0
     delivered = recall(store, data, truth)                                     # held-out queries, defaults
     assert delivered >= 0.93, (delivered, cal)
     assert abs(cal.recall - delivered) <= 0.03, (cal.recall, delivered)
@@ -145,6 +149,9 @@ def test_save_and_load_keep_the_sample_the_hub_and_the_calibration(backend, data
         assert torch.equal(loaded._asked.sample(0), store._asked.sample(0))
         assert loaded._asked.seen.tolist() == store._asked.seen.tolist()
         assert torch.equal(loaded._hubs[0].ids, store._hubs[0].ids)
+        assert torch.equal(loaded._hubs[0].centroids, store._hubs[0].centroids)
+        for (lid, keys, _), (lid2, keys2, _) in zip(loaded._hubs[0].lists, store._hubs[0].lists):
+            assert torch.equal(lid, lid2) and torch.equal(keys, keys2)
         queries = torch.from_numpy(data.queries[:50])
         assert torch.equal(loaded.search(queries, 10, **{store.param: 4}).ids,
                            store.search(queries, 10, **{store.param: 4}).ids)
@@ -180,12 +187,17 @@ def test_corrupt_samples_are_refused_in_a_child(data, tmp_path):
     ask(store, small.asked)
     store.save(tmp_path / "good")
     blobs = {"garbage": b"\x00not safetensors" * 10}
+    hub = {"seen": torch.tensor([100]), "fresh": torch.tensor([0]), "queries.p0": torch.zeros(3, 32),
+           "hub.queries.p0": torch.randn(3, 32), "hub.ids.p0": torch.tensor([[0, 1], [2, 3], [4, -1]])}
     for name, tensors in {
         "nan": {"seen": torch.tensor([100]), "fresh": torch.tensor([0]), "queries.p0": torch.full((3, 32), np.nan)},
         "wide": {"seen": torch.tensor([100]), "fresh": torch.tensor([0]), "queries.p0": torch.zeros(3, 33)},
         "seen": {"seen": torch.tensor([1]), "fresh": torch.tensor([0]), "queries.p0": torch.zeros(3, 32)},
         "extra": {"seen": torch.tensor([100]), "fresh": torch.tensor([0]), "queries.p0": torch.zeros(3, 32),
                   "queries.p9": torch.zeros(1, 32)},
+        **{f"centroids-{name}": {**hub, "hub.centroids.p0": centroids} for name, centroids in {
+            "none": torch.zeros(0, 32), "more-than-queries": torch.zeros(4, 32), "wide": torch.zeros(2, 31),
+            "nan": torch.full((2, 32), np.nan), "int": torch.zeros(2, 32, dtype=torch.int64)}.items()},
     }.items():
         save_file(tensors, str(tmp_path / f"{name}.safetensors"))
         blobs[name] = (tmp_path / f"{name}.safetensors").read_bytes()
@@ -198,6 +210,26 @@ def test_corrupt_samples_are_refused_in_a_child(data, tmp_path):
     assert results[0]["ok"] and results[0]["count"] == small.size
     for case, result in zip(cases, results[1:]):
         assert result["ok"] is False and result["error"] == "CorruptStoreError", (case.name, result)
+
+
+def test_a_save_from_before_the_hub_lists_loads_and_learns_them_again(data, tmp_path):
+    """Saves written before the hub kept centroids hold only its queries and ids: the lists are learned again."""
+    from safetensors.torch import load_file, save_file
+
+    store = build(data, "ivf")
+    ask(store, data.asked[:300])
+    store.save(tmp_path / "s")
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    tensors = load_file(str(tmp_path / "s" / manifest["files"]["asked"]["name"]))
+    del tensors["hub.centroids.p0"]
+    save_file(tensors, str(tmp_path / "old.safetensors"))
+    resave(tmp_path / "s", "asked", (tmp_path / "old.safetensors").read_bytes())
+    with kvmem.load(tmp_path / "s") as loaded:
+        hub = loaded._hubs[0]
+        assert torch.equal(hub.ids, store._hubs[0].ids) and len(hub.centroids) == len(store._hubs[0].centroids)
+        queries = torch.from_numpy(data.queries[:50])
+        assert hub.candidates(loaded, 0, queries, 32).shape == (50, 32 * len(hub.probes(queries[:1])[0]))
+        assert loaded.search(queries, 10).ids.shape == (50, 10)
 
 
 def test_a_frozen_store_takes_no_queries_and_freeze_checks_its_argument(data):

@@ -46,10 +46,11 @@
   and fight the spans for the cores (a 500-query hnswlib search took 1.4x as
   long right after a parallel torch op on a 2-core machine). A search uses at
   most the caller's ``torch.get_num_threads()`` cores.
-- Asked queries also build the hub (:class:`kvmem.stores._asked.Hub`): the
-  true neighbours of the sampled queries nearest a search's query join the
-  index's candidates, which is what lets an index built on keys reach queries
-  unlike them.
+- Asked queries also build the hub (:class:`kvmem.stores._hub.Hub`): lists
+  of the true neighbours of clustered sampled queries; a search's query scores
+  the lists of the clusters nearest it and their best join the index's
+  candidates, which is what lets an index built on keys reach queries unlike
+  them.
 - Persistence: the native index files, ``ann.<tag>.json`` (per-partition
   state and calibration) and ``asked.<tag>.safetensors`` (samples and hubs),
   all checksummed by :mod:`kvmem.persist`.
@@ -74,8 +75,9 @@ import torch
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError
 from kvmem.store import SearchResult
-from kvmem.stores._asked import AskedQueries, Hub, load_asked, merge, save_asked
+from kvmem.stores._asked import AskedQueries, load_asked, save_asked
 from kvmem.stores._calibrate import Calibration
+from kvmem.stores._hub import PROBES, Hub, merge
 from kvmem.stores._monitor import Monitor
 from kvmem.stores._threads import parallel, spread, torch_threads, workers
 from kvmem.stores._tuning import Tuning, check_recall
@@ -286,6 +288,10 @@ class AnnStore(Tuning, TableStore):
         """Smallest and largest knob value calibration may choose."""
         raise NotImplementedError
 
+    def _hub_probes(self, value: int) -> int:
+        """The hub lists a query scores when the index searches at knob ``value``."""
+        return PROBES
+
     # ------------------------------------------------------------------ knob
     def _check_params(self, params: dict[str, Any]) -> dict[str, Any]:
         params = super()._check_params(params)
@@ -324,6 +330,9 @@ class AnnStore(Tuning, TableStore):
 
         parallel(write, list(range(self.partitions)))
         self._added += ids.shape[1]
+        for p, hub in enumerate(self._hubs):
+            if hub is not None:
+                hub.extend(torch.from_numpy(ids[p]), keys[p])
 
     def _index_remove(self, removed: list[np.ndarray]) -> None:
         for p, gone in enumerate(removed):
@@ -351,7 +360,7 @@ class AnnStore(Tuning, TableStore):
             self._recalibrate(due, target)
 
     def _index_nbytes(self) -> int:
-        return sum(part.nbytes() for part in self._parts)
+        return sum(part.nbytes() for part in self._parts) + sum(hub.nbytes() for hub in self._hubs if hub)
 
     # ------------------------------------------------------------------ search
     def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,7 +397,8 @@ class AnnStore(Tuning, TableStore):
             labels = self._parts[p].search(q32[p, a:b], k, ranked[p]) if p in ranked else None
             if labels is not None:
                 slots, hub = torch.from_numpy(self._book.slots_in(p, labels)), self._hubs[p]
-                pieces.append(slots if hub is None else merge(slots, hub.candidates(self, p, queries[p, a:b])))
+                pieces.append(slots if hub is None else merge(slots, hub.candidates(
+                    self, p, queries[p, a:b], k, probes=self._hub_probes(ranked[p]))))
             elif p in ranked:                                     # the library could not answer: exact
                 pieces.append(self.exact_slots(queries[p:p + 1, a:b], [p], k)[0])
             else:                                                 # searched exactly before, or empty

@@ -6,20 +6,9 @@
   (:mod:`kvmem.stores._calibrate`). Recording a search's queries costs one
   small random draw per query row and a copy of the rows taken, under its own
   lock (not the store's).
-- :class:`Hub` is the query-aware part of both indexes: the sampled queries
-  with their exact top-k ids, found when the partition was last calibrated on
-  them. A new query also takes as candidates the true neighbours of the
-  :data:`HUBS` sampled queries nearest it (cosine for ``ip`` / ``cos``, L2 for
-  ``l2``). Attention queries lie elsewhere than the keys, so an index built on
-  keys (IVF centroids, a graph whose edges join keys to keys) routes a query
-  by the keys that look like it, not by the keys it scores highest; queries
-  near each other in query space share true neighbours, and the hub hands
-  them over (the query-to-key edges of RoarGraph / RetrievalAttention, kept
-  as a table beside the index). Neither hnswlib nor faiss can hold such edges:
-  hnswlib's links are key-to-key and its search starts from one entry point,
-  and a faiss IVF list holds keys by their own centroid, so the table lives
-  here, and its candidates join the index's before the exact rescoring.
-  Ids, not slots, are kept, so rows removed since are skipped.
+- :func:`save_asked` / :func:`load_asked` keep the samples and each
+  partition's hub (:class:`kvmem.stores._hub.Hub`, built from the sample when
+  it was last calibrated on) in ``asked.<tag>.safetensors``.
 
 Neither is thread-safe for writes beyond what its docstring says: the store
 serialises calibration (which installs a hub) with its lock.
@@ -36,13 +25,13 @@ import numpy as np
 import torch
 
 from kvmem.errors import CorruptStoreError
+from kvmem.stores._hub import Hub
 
 if TYPE_CHECKING:
     from kvmem.stores._ann import AnnStore
 
-__all__ = ["AskedQueries", "Hub", "HUBS", "MIN_ASKED", "save_asked", "load_asked"]
+__all__ = ["AskedQueries", "MIN_ASKED", "save_asked", "load_asked"]
 
-HUBS = 8            # sampled queries whose true neighbours join a search's candidates
 MIN_ASKED = 64      # asked queries a partition needs before calibration rests on them
 
 
@@ -110,40 +99,6 @@ class AskedQueries:
                 self.seen[p] = self.fresh[p] = 0
 
 
-class Hub:
-    """Sampled queries ``(S, dim)`` of one partition and their exact top-k ids ``(S, k)``."""
-
-    def __init__(self, queries: torch.Tensor, ids: torch.Tensor, metric: str) -> None:
-        self.queries, self.ids, self.metric = queries.float(), ids.long(), metric
-        self._unit = self.queries if metric == "l2" else torch.nn.functional.normalize(self.queries, dim=1)
-        self._sq = self.queries.square().sum(1)                                         # (S,)
-
-    def nearest(self, queries: torch.Tensor, leave_out: bool = False) -> torch.Tensor:
-        """The :data:`HUBS` sampled queries nearest each of ``queries (n, dim)``: indices ``(n, h)``.
-        ``leave_out``: ``queries`` are the sample itself, in order, and none may pick itself."""
-        if self.metric == "l2":
-            near = torch.addmm(self._sq, queries, self._unit.T, alpha=-2)               # |h|^2 - 2 q.h
-            near = -near
-        else:
-            near = torch.nn.functional.normalize(queries, dim=1) @ self._unit.T         # (n, S) cosines
-        if leave_out:
-            near.fill_diagonal_(float("-inf"))
-        h = min(HUBS, len(self.queries) - leave_out)
-        return near.topk(h, -1).indices if h > 0 else torch.empty(len(queries), 0, dtype=torch.long)
-
-    def candidates(self, store: AnnStore, p: int, queries: torch.Tensor, leave_out: bool = False) -> torch.Tensor:
-        """Slots ``(n, h * k)`` of the true neighbours of the hubs nearest ``queries (n, dim)``; -1 pads."""
-        ids = self.ids[self.nearest(queries, leave_out)].reshape(len(queries), -1)     # (n, h*k)
-        return torch.from_numpy(store._book.slots_in(p, ids.numpy(), strict=False))
-
-
-def merge(index: torch.Tensor, hub: torch.Tensor) -> torch.Tensor:
-    """Candidate slots ``(n, a)`` and ``(n, b)`` as one ``(n, a + b)`` with duplicates made -1."""
-    both = torch.cat([index, hub], 1).sort(-1).values
-    both[:, 1:].masked_fill_(both[:, 1:] == both[:, :-1], -1)
-    return both
-
-
 # ---------------------------------------------------------------------------------------------- files
 def save_asked(store: AnnStore, directory: Path, tag: str) -> str:
     """Write the samples and hubs of ``store`` to ``asked.<tag>.safetensors``; return the name."""
@@ -158,6 +113,7 @@ def save_asked(store: AnnStore, directory: Path, tag: str) -> str:
             hub = store._hubs[p]
             if hub is not None:
                 tensors[f"hub.queries.p{p}"], tensors[f"hub.ids.p{p}"] = hub.queries.contiguous(), hub.ids.contiguous()
+                tensors[f"hub.centroids.p{p}"] = hub.centroids.contiguous()
     name = f"asked.{tag}.safetensors"
     save_file(tensors, str(directory / name))
     return name
@@ -187,7 +143,8 @@ def load_asked(store: AnnStore, file: Path | None) -> None:
             raise CorruptStoreError(f"{file.name}: {name} holds NaN or Inf")
         return t
 
-    known = {"seen", "fresh"} | {f"{w}.p{p}" for p in range(P) for w in ("queries", "hub.queries", "hub.ids")}
+    parts = ("queries", "hub.queries", "hub.ids", "hub.centroids")
+    known = {"seen", "fresh"} | {f"{w}.p{p}" for p in range(P) for w in parts}
     if set(tensors) - known:
         raise CorruptStoreError(f"{file.name}: unexpected tensors {sorted(set(tensors) - known)[:4]}")
     seen, fresh = get("seen", (P,), torch.int64).numpy(), get("fresh", (P,), torch.int64).numpy()
@@ -205,6 +162,12 @@ def load_asked(store: AnnStore, file: Path | None) -> None:
         ids = get(f"hub.ids.p{p}", (len(hq), None), torch.int64)
         if len(hq) > size or (ids.numel() and int(ids.min()) < -1):
             raise CorruptStoreError(f"{file.name}: partition {p}'s hub is malformed")
-        hubs.append(Hub(hq, ids, store.metric))
+        centroids = None                                          # a save from before the lists: learn them again
+        if f"hub.centroids.p{p}" in tensors:
+            centroids = get(f"hub.centroids.p{p}", (None, dim), torch.float32)
+        if centroids is not None and not 1 <= len(centroids) <= max(1, len(hq)):
+            raise CorruptStoreError(f"{file.name}: partition {p}'s hub has {len(centroids)} centroids "
+                                    f"for {len(hq)} queries")
+        hubs.append(Hub(store, p, hq, ids, centroids))
     store._asked.rows, store._asked.seen, store._asked.fresh = rows, seen.copy(), fresh.copy()
     store._hubs = hubs

@@ -19,7 +19,7 @@ Neither faiss nor hnswlib offers this. For one partition:
    mean alone would land half the stores below their target).
 
 On asked queries the candidates include the hub's
-(:class:`~kvmem.stores._asked.Hub`), each sampled query leaving itself out,
+(:class:`~kvmem.stores._hub.Hub`), no sampled query handed the ids only it brought,
 and the calibration's exact neighbours become the partition's new hub. The
 record also carries the recall of stored keys used as queries at the chosen
 value (``key_recall``), beside the recall of the asked queries.
@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from kvmem.errors import CorruptStoreError
-from kvmem.stores._asked import Hub, merge
+from kvmem.stores._hub import DEPTH, Hub, merge
 from kvmem.stores._threads import cpus, spread
 from kvmem.topk import NEG_INF, exact_scores
 
@@ -154,13 +154,15 @@ class _Recall:
     """``recall_at(value)`` of one partition's index for a set of queries, against their exact top-k."""
 
     def __init__(self, store: AnnStore, p: int, queries: torch.Tensor, k: int, own: torch.Tensor | None,
-                 hub: Hub | None, leave_out: bool) -> None:
+                 hub: Hub | None, leave_out: bool, truth: torch.Tensor | None = None) -> None:
         self.store, self.p, self.queries, self.k, self.own = store, p, queries, k, own
-        self.truth = store.exact_slots(queries[None], [p], k + (own is not None))[0]     # (S, k[+1])
+        if truth is None:                                                                # (S, k[+1]), best first
+            truth = store.exact_slots(queries[None], [p], k + (own is not None))[0]
+        self.truth = truth[:, :k + (own is not None)]
         true_scores = _scores(store, p, queries, self.truth, own)
         kth = true_scores.sort(-1, descending=True).values[:, k - 1]                    # (S,) k-th best
         self.floor = kth - _TIE_RTOL * (1 + kth.abs())
-        self.hub = None if hub is None else hub.candidates(store, p, queries, leave_out)   # (S, h*k)
+        self.hub, self.leave_out, self._handed = hub, leave_out, {}                     # probes -> (S, r*k)
 
     def __call__(self, value: int) -> tuple[float, float]:
         store, p, q32, k = self.store, self.p, self.queries.numpy(), self.k
@@ -170,7 +172,10 @@ class _Recall:
             return 0.0, 0.0
         got = torch.from_numpy(store._book.slots_in(p, np.concatenate(spans)))        # (S, c)
         if self.hub is not None:
-            got = merge(got, self.hub)
+            probes = store._hub_probes(value)
+            if probes not in self._handed:
+                self._handed[probes] = self.hub.candidates(store, p, self.queries, k, self.leave_out, probes)
+            got = merge(got, self._handed[probes])
         best = _scores(store, p, self.queries, got, self.own).topk(k, -1).values      # (S, k) after rescoring
         per_query = (best >= self.floor[:, None]).double().mean(-1)                   # (S,)
         error = float(per_query.std()) / len(per_query) ** 0.5 if len(per_query) > 1 else 0.0
@@ -192,10 +197,10 @@ def calibrate(store: AnnStore, partition: int, target: float, low: int, high: in
         measure = _Recall(store, p, keys, min(K, count - 1), slots[:, None], None, False)
     else:
         k = min(K, count)
-        truth = store.exact_slots(asked[None], [p], k)[0]                                         # (S, k)
+        truth = store.exact_slots(asked[None], [p], max(k, min(DEPTH, count)))[0]                 # (S, depth)
         truth_ids = store._table.data["ids"][p][truth.clamp(min=0)].masked_fill(truth < 0, -1)
-        hub = Hub(asked, truth_ids, store.metric)
-        measure = _Recall(store, p, asked, k, None, hub, leave_out=True)
+        hub = Hub(store, p, asked, truth_ids, seed=count)
+        measure = _Recall(store, p, asked, k, None, hub, leave_out=True, truth=truth)
     value, measured = smallest_value(measure, low, max(low, high), target)
     key_recall = measured[0]
     if asked is not None and count >= 2:

@@ -27,7 +27,9 @@ Options:
         M 32) and reaches 0.955 at ef 1024 with 500, for a build 2.5x as long.
     ef: search beam; None (default): calibrated per partition to ``target_recall``,
         between 64 and max(256, rows / 512), past which the graph is no faster than
-        exact search; a target out of that reach searches the partition exactly.
+        exact search; a target out of that reach searches the partition exactly. Once the
+        store has a hub (asked queries, :mod:`kvmem.stores._hub`), a query also scores
+        2 * (ef // 64) of its lists: on queries unlike the keys the beam alone gains little.
     target_recall: recall@32 ef is calibrated for (default 0.95 when ef is None), on the
         queries the store is asked (see :mod:`kvmem.stores._ann`).
     query_sample, monitor: the asked-query sample and the recall monitor (:mod:`kvmem.stores._ann`).
@@ -52,6 +54,7 @@ from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError, map_errors
 from kvmem.stores._ann import ANN_DEFAULTS, AnnStore, check_ann_options, check_int, check_recall, meta_int
 from kvmem.stores._hnswfile import check_hnsw_file
+from kvmem.stores._hub import PROBES
 
 __all__ = ["HNSWStore", "add_to_graph", "build_beam", "graph_nbytes", "remove_from_graph"]
 
@@ -227,6 +230,11 @@ class HNSWStore(AnnStore):
 
     def _default_value(self, partition: int) -> int:
         return _EF_FLOOR
+
+    def _hub_probes(self, value: int) -> int:
+        """A graph built on keys gains little from a wider beam on queries unlike its keys (it routes by the
+        keys that look like the query), so ef buys hub lists too: 2 at ef 64, one more per 32 of ef."""
+        return PROBES * max(1, value // _EF_FLOOR)
 
     def _value_range(self, partition: int) -> tuple[int, int]:
         live = self._parts[partition].live

@@ -1,0 +1,195 @@
+"""The hub: the query-aware part of both approximate indexes, learned from the queries a partition is asked.
+
+Attention queries lie elsewhere than the keys, so an index built on keys (IVF
+centroids, a graph whose edges join keys to keys) routes a query by the keys
+that look like it, not by the keys it scores highest. Queries near each other
+in query space share true neighbours, and deeper than the top-k: the union of
+the true top-256 of a few nearby asked queries holds most of a new query's
+top-32 (``benchmarks/RESULTS.md``, issue 13). So the hub is an inverted file
+whose lists are made from queries, not keys:
+
+- the sampled asked queries are clustered (seeded k-means, spherical for
+  ``ip`` / ``cos``, Euclidean for ``l2``; about :data:`PER_LIST` queries per
+  centroid);
+- list ``c`` holds every key that is among the :data:`DEPTH` exact nearest of
+  some sampled query in cluster ``c`` (found when the partition was last
+  calibrated on them), with a copy of its key in float32;
+- a query is routed to its :data:`PROBES` nearest centroids and scores those
+  lists' keys with one dense product per list (the queries of a batch that
+  probe a list share it); each list's best ``k`` join the index's candidates
+  before the store's exact rescoring.
+
+This is the query-to-key routing of RoarGraph / RetrievalAttention, as lists
+instead of graph edges. Neither library can hold it: hnswlib's links are
+key-to-key and its search starts from one entry point, and a faiss IVF list
+holds keys by their own centroid, so the lists live here. A query's work is
+the lists it probes (about ``PROBES * PER_LIST * DEPTH / overlap`` keys, a few
+thousand), which does not grow with the partition. Ids are kept, not slots, so
+rows removed since are skipped; the key copy (at most ``S * DEPTH`` rows, ``S``
+the sampled queries) is refreshed at each calibration.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvmem.topk import NEG_INF
+
+if TYPE_CHECKING:
+    from kvmem.stores._ann import AnnStore
+
+__all__ = ["Hub", "DEPTH", "PER_LIST", "PROBES", "merge"]
+
+DEPTH = 256        # exact neighbours kept per sampled query: what its list hands over
+PER_LIST = 8       # sampled queries per list (centroid), on average
+PROBES = 2         # lists a query scores (hnsw: more at a larger ef, see HNSWStore._hub_probes)
+_ITERATIONS = 12   # k-means rounds
+
+
+class Hub:
+    """The query-routed lists of one partition (see the module docstring).
+
+    ``queries (S, dim)`` are the sampled asked queries, ``ids (S, depth)`` their exact nearest ids (-1 pads);
+    ``centroids (C, dim)`` are learned from ``queries`` when None (seeded by ``seed``).
+    """
+
+    def __init__(self, store: AnnStore, p: int, queries: torch.Tensor, ids: torch.Tensor,
+                 centroids: torch.Tensor | None = None, seed: int = 0) -> None:
+        self.queries, self.ids, self.metric = queries.float(), ids.long(), store.metric
+        routed = self._route(self.queries)
+        if centroids is None:
+            centroids = kmeans(routed, max(1, round(len(routed) / PER_LIST)), self.metric, seed)
+        self.centroids = centroids.float()
+        self._sq = self.centroids.square().sum(1)                                       # (C,)
+        self.owner = self._near(routed).argmax(1)                                       # (S,) each query's list
+        rows = store._table.data["keys"][p]
+        self.lists: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []    # (ids, keys, bias)
+        self.sole: list[torch.Tensor] = []             # (L,) the one sampled query that brought an id, else -1
+        self.floor = torch.full((len(self.queries),), NEG_INF)   # (S,) its worst kept neighbour's score
+        for c in range(len(self.centroids)):
+            members = (self.owner == c).nonzero().view(-1)
+            got = self.ids[members]                                                     # (m, depth)
+            lid, inverse, count = torch.unique(got.view(-1), return_inverse=True, return_counts=True)
+            bringer = torch.full((len(lid),), -1, dtype=torch.long)
+            bringer.scatter_(0, inverse.view(-1), members.repeat_interleave(got.shape[1]))
+            slots = torch.from_numpy(store._book.slots_in(p, lid.numpy(), strict=False))
+            keep = (lid >= 0) & (slots >= 0)                                            # pads; rows removed since
+            keys, bias = self._prepared(rows[slots[keep]])
+            self.lists.append((lid[keep], keys, bias))
+            self.sole.append(bringer[keep].masked_fill(count[keep] > 1, -1))
+            if len(members):                      # a pad (fewer rows than depth) leaves the floor at -inf
+                at = torch.full((len(lid),), -1, dtype=torch.long)
+                at[keep] = torch.arange(int(keep.sum()))
+                mine = at[inverse.view(got.shape)]                                      # (m, depth) in the list
+                scores = self._score(self.queries[members], keys).gather(1, mine.clamp(min=0))
+                scores = scores.masked_fill(mine < 0, float("inf")).masked_fill(got < 0, NEG_INF)
+                self.floor[members] = scores.min(1).values
+        self.floor.masked_fill_(self.floor == float("inf"), NEG_INF)    # every neighbour removed: take all
+
+    def _prepared(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A list's key copy (float32; unit for cos) and its bias (l2: -|x|^2, so 2 q.x + bias ranks as -|q-x|^2)."""
+        keys = keys.float()
+        if self.metric == "cos":
+            return torch.nn.functional.normalize(keys, dim=1).contiguous(), None
+        if self.metric == "l2":
+            return keys.contiguous(), -keys.square().sum(1)
+        return keys.contiguous(), None
+
+    def _score(self, q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.metric == "l2":
+            bias = -keys.square().sum(1) if bias is None else bias
+            return torch.addmm(bias, q, keys.T, alpha=2)
+        return q @ keys.T
+
+    def extend(self, ids: torch.Tensor, keys: torch.Tensor) -> None:
+        """Keys ``(n, dim)`` just added under ``ids (n,)``: each joins the list of every sampled query whose
+        worst kept neighbour it beats (it would be among that query's neighbours now), so the lists stay the
+        union of their queries' neighbours as the memory grows, until the next calibration rebuilds them."""
+        if not len(ids):
+            return
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        prepared, bias = self._prepared(keys)
+        hit = self._score(self.queries, prepared, bias) >= self.floor[:, None]          # (S, n)
+        for c in torch.unique(self.owner[hit.any(1)]).tolist():
+            members = (self.owner == c).nonzero().view(-1)
+            mine = hit[members]                                                         # (m, n)
+            joined = mine.any(0)
+            count = mine[:, joined].sum(0)
+            sole = members[mine[:, joined].int().argmax(0)].masked_fill(count > 1, -1)
+            lid, old, old_bias = self.lists[c]
+            self.lists[c] = (torch.cat([lid, ids[joined]]), torch.cat([old, prepared[joined]]),
+                             None if old_bias is None else torch.cat([old_bias, bias[joined]]))
+            self.sole[c] = torch.cat([self.sole[c], sole])
+
+    def nbytes(self) -> int:
+        """Bytes held: the key copy, the ids, the sample and its neighbours."""
+        tensors = [self.queries, self.ids, self.centroids, self.owner, self.floor, *self.sole]
+        tensors += [t for lists in self.lists for t in lists if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _route(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.metric == "l2" else torch.nn.functional.normalize(x, dim=1)
+
+    def _near(self, routed: torch.Tensor) -> torch.Tensor:
+        """Closeness ``(n, C)`` of routed queries to the centroids (larger is nearer)."""
+        if self.metric == "l2":
+            return torch.addmm(self._sq, routed, self.centroids.T, alpha=-2).neg_()     # 2 q.c - |c|^2
+        return routed @ self.centroids.T
+
+    def probes(self, queries: torch.Tensor, probes: int = PROBES) -> torch.Tensor:
+        """The lists ``(n, r)`` each of ``queries (n, dim)`` scores: its ``probes`` nearest (r of them, r <= C)."""
+        return self._near(self._route(queries)).topk(min(probes, len(self.centroids)), -1).indices
+
+    def scored(self, queries: torch.Tensor, probes: int = PROBES) -> torch.Tensor:
+        """Keys each of ``queries (n, dim)`` scores in the hub: ``(n,)`` (the centroids included)."""
+        sizes = torch.tensor([len(lid) for lid, _, _ in self.lists] + [0])
+        return sizes[self.probes(queries, probes)].sum(-1) + len(self.centroids)
+
+    def candidates(self, store: AnnStore, p: int, queries: torch.Tensor, k: int,
+                   leave_out: bool = False, probes: int = PROBES) -> torch.Tensor:
+        """Slots ``(n, r * k)`` of the best ``k`` keys of each of the ``r`` lists probed (:meth:`probes`) for
+        ``queries (n, dim)``; -1 pads. ``leave_out``: ``queries`` are the sample itself, in order, and none
+        is handed the ids only it brought."""
+        n = len(queries)
+        probe = self.probes(queries, probes)                                            # (n, r)
+        out = torch.full((n, probe.shape[1], k), -1, dtype=torch.long)
+        for c in torch.unique(probe).tolist():
+            lid, keys, bias = self.lists[c]
+            if not len(lid):
+                continue
+            rows, which = (probe == c).nonzero(as_tuple=True)
+            q = queries[rows]
+            s = self._score(q, keys, bias)                                              # (m, L)
+            if leave_out:
+                s.masked_fill_(self.sole[c][None, :] == rows[:, None], NEG_INF)
+            best, at = s.topk(min(k, len(lid)), -1)
+            out[rows, which, :at.shape[1]] = lid[at].masked_fill_(best == NEG_INF, -1)
+        return torch.from_numpy(store._book.slots_in(p, out.view(n, -1).numpy(), strict=False))
+
+
+def kmeans(x: torch.Tensor, count: int, metric: str, seed: int, rounds: int = _ITERATIONS) -> torch.Tensor:
+    """``count`` centroids of ``x (n, dim)``: spherical (unit centroids, cosine) unless ``metric`` is l2.
+    Seeded; a centroid that loses all its points keeps its place."""
+    g = torch.Generator().manual_seed(seed)
+    centroids = x[torch.randperm(len(x), generator=g)[:count]].clone()
+    for _ in range(rounds):
+        if metric == "l2":
+            near = torch.addmm(centroids.square().sum(1), x, centroids.T, alpha=-2).argmin(1)
+        else:
+            near = (x @ centroids.T).argmax(1)
+        sums = torch.zeros_like(centroids).index_add_(0, near, x)
+        sizes = torch.bincount(near, minlength=len(centroids))
+        held = sizes > 0
+        centroids[held] = sums[held] / sizes[held, None]
+        if metric != "l2":
+            centroids = torch.nn.functional.normalize(centroids, dim=1)
+    return centroids
+
+
+def merge(index: torch.Tensor, hub: torch.Tensor) -> torch.Tensor:
+    """Candidate slots ``(n, a)`` and ``(n, b)`` as one ``(n, a + b)`` with duplicates made -1."""
+    both = torch.cat([index, hub], 1).sort(-1).values
+    both[:, 1:].masked_fill_(both[:, 1:] == both[:, :-1], -1)
+    return both
