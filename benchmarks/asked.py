@@ -99,11 +99,12 @@ def _kvmem_rows(backend: str, data: Dataset, truth, queries: torch.Tensor, confi
         return {"backend": name, "params": params, "recall": recall_at_k(ids, truth, data.base, data.queries, config.k),
                 "qps": qps, "qps_vs_exact": qps / exact_qps, **extra}
 
-    cal = store.calibration()[0]
+    cal, hub = store.calibration()[0], store._hubs[0]
+    size = {} if hub is None else {"hub_rows": sum(len(lid) for lid, _, _ in hub.lists), "hub_mb": hub.nbytes() / 2**20}
     secs, res = _timed(lambda: store.search(queries, config.k).ids.numpy(), config.repeats)
     rows = [row({}, secs, res, defaults=True, build_s=build_s, **{knob: cal.value if cal else None},
                 reported=cal.recall if cal else None, key_recall=cal.key_recall if cal else None,
-                asked_queries=cal.queries if cal else 0, searched_exactly=bool(cal and cal.exact))]
+                asked_queries=cal.queries if cal else 0, searched_exactly=bool(cal and cal.exact), **size)]
     for value in SWEEP[knob]:
         secs, res = _timed(lambda v=value: store.search(queries, config.k, **{knob: v}).ids.numpy(), config.repeats)
         extra = {"scored": _ivf_scored(store, queries, value)} if backend == "ivf" else {}
@@ -174,6 +175,8 @@ def render(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         params = r["params"] or ", ".join(["defaults"] + [f"{k} {r[k]}" for k in ("nprobe", "ef") if k in r])
+        if "hub_rows" in r:
+            params += f" (hub: {r['hub_rows']:,} rows, {r['hub_mb']:.0f} MB)"
         fmt = lambda x: "–" if x is None else f"{x:.3f}"                                          # noqa: E731
         scored = "–" if "scored" not in r else f"{100 * r['scored']:.2f} %"
         lines.append(f"| {r['backend']} | {params} | {r['recall']:.3f} | {fmt(r.get('reported'))} | "

@@ -131,3 +131,18 @@ def test_a_store_extends_its_hub_as_it_grows():
     new = int(store.add(q * 50, torch.zeros(1, 1))[0])                # under a quarter more rows: no rebuild
     assert store._hubs[0] is hub and new in hub.lists[int(hub.owner[0])][0].tolist()
     assert int(store.search(q, 1, nprobe=1).ids[0, 0]) == new
+
+
+def test_a_large_add_extends_the_lists_in_chunks_as_one_add_would(monkeypatch):
+    import kvmem.stores._hub as hub_module
+
+    store, data, queries, ids = store_and_sample("ip")
+    new = torch.from_numpy(data.asked[:50].copy()) * 3
+    added = store.add(new, torch.zeros(50, 1))
+    whole, chunked = Hub(store, 0, queries, ids, seed=0), Hub(store, 0, queries, ids, seed=0)
+    whole.extend(added, new)
+    monkeypatch.setattr(hub_module, "_EXTEND_CHUNK", 7)
+    chunked.extend(added, new)
+    assert sum(len(lid) for lid, _, _ in whole.lists) > sum(len(lid) for lid, _, _ in Hub(store, 0, queries, ids).lists)
+    for (a, ka, _), (b, kb, _), sa, sb in zip(whole.lists, chunked.lists, whole.sole, chunked.sole):
+        assert torch.equal(a, b) and torch.equal(ka, kb) and torch.equal(sa, sb)

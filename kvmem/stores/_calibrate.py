@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from kvmem.errors import CorruptStoreError
-from kvmem.stores._hub import DEPTH, Hub, merge
+from kvmem.stores._hub import Hub, depth_for, merge
 from kvmem.stores._threads import cpus, spread
 from kvmem.topk import NEG_INF, exact_scores
 
@@ -197,7 +197,7 @@ def calibrate(store: AnnStore, partition: int, target: float, low: int, high: in
         measure = _Recall(store, p, keys, min(K, count - 1), slots[:, None], None, False)
     else:
         k = min(K, count)
-        truth = store.exact_slots(asked[None], [p], max(k, min(DEPTH, count)))[0]                 # (S, depth)
+        truth = store.exact_slots(asked[None], [p], max(k, depth_for(count)))[0]      # (S, depth), -1 pads
         truth_ids = store._table.data["ids"][p][truth.clamp(min=0)].masked_fill(truth < 0, -1)
         hub = Hub(store, p, asked, truth_ids, seed=count)
         measure = _Recall(store, p, asked, k, None, hub, leave_out=True, truth=truth)

@@ -11,9 +11,10 @@ whose lists are made from queries, not keys:
 - the sampled asked queries are clustered (seeded k-means, spherical for
   ``ip`` / ``cos``, Euclidean for ``l2``; about :data:`PER_LIST` queries per
   centroid);
-- list ``c`` holds every key that is among the :data:`DEPTH` exact nearest of
-  some sampled query in cluster ``c`` (found when the partition was last
-  calibrated on them), with a copy of its key in float32;
+- list ``c`` holds every key that is among the exact nearest of some sampled
+  query in cluster ``c`` (:func:`depth_for`: 256 of them, more past 512k rows;
+  found when the partition was last calibrated on them), with a copy of its
+  key in float32;
 - a query is routed to its :data:`PROBES` nearest centroids and scores those
   lists' keys with one dense product per list (the queries of a batch that
   probe a list share it); each list's best ``k`` join the index's candidates
@@ -23,10 +24,13 @@ This is the query-to-key routing of RoarGraph / RetrievalAttention, as lists
 instead of graph edges. Neither library can hold it: hnswlib's links are
 key-to-key and its search starts from one entry point, and a faiss IVF list
 holds keys by their own centroid, so the lists live here. A query's work is
-the lists it probes (about ``PROBES * PER_LIST * DEPTH / overlap`` keys, a few
-thousand), which does not grow with the partition. Ids are kept, not slots, so
-rows removed since are skipped; the key copy (at most ``S * DEPTH`` rows, ``S``
-the sampled queries) is refreshed at each calibration.
+the lists it probes (about ``PROBES * PER_LIST * depth / overlap`` keys, a few
+thousand), which grows far slower than the partition. Ids are kept, not slots,
+so rows removed since are skipped; a key added later joins the lists of the
+sampled queries whose worst kept neighbour it beats (:meth:`Hub.extend`). The
+key copy is at most ``S * depth`` rows (``S`` the sampled queries; in practice
+about half that: 1M attention keys of dim 32, 1,000 asked queries: 270k rows,
+35 MB) and is rebuilt at each calibration.
 """
 
 from __future__ import annotations
@@ -40,12 +44,20 @@ from kvmem.topk import NEG_INF
 if TYPE_CHECKING:
     from kvmem.stores._ann import AnnStore
 
-__all__ = ["Hub", "DEPTH", "PER_LIST", "PROBES", "merge"]
+__all__ = ["Hub", "DEPTH", "PER_LIST", "PROBES", "depth_for", "merge"]
 
-DEPTH = 256        # exact neighbours kept per sampled query: what its list hands over
+DEPTH = 256        # exact neighbours kept per sampled query (at least): what its list hands over
+ROWS_PER_DEPTH = 2048   # and one more per this many rows, up to MAX_DEPTH: a denser memory needs deeper
+MAX_DEPTH = 1024        # lists (1M attention keys: recall 0.92 at depth 256, 0.97 at 512, same probes)
 PER_LIST = 8       # sampled queries per list (centroid), on average
 PROBES = 2         # lists a query scores (hnsw: more at a larger ef, see HNSWStore._hub_probes)
 _ITERATIONS = 12   # k-means rounds
+_EXTEND_CHUNK = 8192   # added keys scored against the sample at once
+
+
+def depth_for(rows: int) -> int:
+    """Exact neighbours each sampled query keeps in a partition of ``rows`` rows."""
+    return min(MAX_DEPTH, max(DEPTH, rows // ROWS_PER_DEPTH))
 
 
 class Hub:
@@ -107,9 +119,11 @@ class Hub:
         """Keys ``(n, dim)`` just added under ``ids (n,)``: each joins the list of every sampled query whose
         worst kept neighbour it beats (it would be among that query's neighbours now), so the lists stay the
         union of their queries' neighbours as the memory grows, until the next calibration rebuilds them."""
-        if not len(ids):
-            return
         ids = torch.as_tensor(ids, dtype=torch.long)
+        for lo in range(0, len(ids), _EXTEND_CHUNK):                     # the (S, chunk) scores stay small
+            self._extend(ids[lo:lo + _EXTEND_CHUNK], keys[lo:lo + _EXTEND_CHUNK])
+
+    def _extend(self, ids: torch.Tensor, keys: torch.Tensor) -> None:
         prepared, bias = self._prepared(keys)
         hit = self._score(self.queries, prepared, bias) >= self.floor[:, None]          # (S, n)
         for c in torch.unique(self.owner[hit.any(1)]).tolist():
