@@ -168,18 +168,27 @@ class Hub:
         is handed the ids only it brought."""
         n = len(queries)
         probe = self.probes(queries, probes)                                            # (n, r)
-        out = torch.full((n, probe.shape[1], k), -1, dtype=torch.long)
-        for c in torch.unique(probe).tolist():
+        r = probe.shape[1]
+        out = torch.full((n * r, k), -1, dtype=torch.long)                              # row i * r + j: probe j of i
+        order = probe.view(-1).argsort()                                                # the pairs, list by list
+        start = 0
+        for c, m in enumerate(torch.bincount(probe.view(-1), minlength=len(self.lists)).tolist()):
+            pairs, start = order[start:start + m], start + m
             lid, keys, bias = self.lists[c]
-            if not len(lid):
+            if not m or not len(lid):
                 continue
-            rows, which = (probe == c).nonzero(as_tuple=True)
-            q = queries[rows]
-            s = self._score(q, keys, bias)                                              # (m, L)
+            rows = pairs // r
+            s = self._score(queries[rows], keys, bias)                                  # (m, L)
             if leave_out:
                 s.masked_fill_(self.sole[c][None, :] == rows[:, None], NEG_INF)
             best, at = s.topk(min(k, len(lid)), -1)
-            out[rows, which, :at.shape[1]] = lid[at].masked_fill_(best == NEG_INF, -1)
+            got = lid[at]
+            if leave_out:
+                got.masked_fill_(best == NEG_INF, -1)
+            if at.shape[1] == k:
+                out.index_copy_(0, pairs, got)
+            else:
+                out[pairs, :at.shape[1]] = got
         return torch.from_numpy(store._book.slots_in(p, out.view(n, -1).numpy(), strict=False))
 
 
