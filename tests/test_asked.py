@@ -13,6 +13,7 @@ from kvmem.benchmarks.recall import ground_truth
 import kvmem
 from kvmem.stores._asked import AskedQueries
 from kvmem.stores._calibrate import smallest_value
+from kvmem.stores._hub import Hub
 from kvmem.testing.child import load_in_child
 
 OPTIONS = {"ivf": {"train_size": 3000}, "hnsw": {"ef_construction": 120}}      # small and quick to build
@@ -143,6 +144,9 @@ def test_a_plateau_that_is_not_one_is_checked_at_the_top_of_the_range():
 def test_save_and_load_keep_the_sample_the_hub_and_the_calibration(backend, data, tmp_path):
     store = build(data, backend)
     ask(store, data.asked[:300])
+    grown = torch.from_numpy(data.asked[:20].copy()) * 2                 # added since: extend the lists
+    store.add(grown, torch.zeros(20, 1))
+    store.remove(store._hubs[0].lists[0][0][:3])                         # removed since: pruned from them
     store.save(tmp_path / "s")
     with kvmem.load(tmp_path / "s") as loaded:
         assert loaded.calibration() == store.calibration() and loaded.calibration()[0].queries == 300
@@ -150,8 +154,11 @@ def test_save_and_load_keep_the_sample_the_hub_and_the_calibration(backend, data
         assert loaded._asked.seen.tolist() == store._asked.seen.tolist()
         assert torch.equal(loaded._hubs[0].ids, store._hubs[0].ids)
         assert torch.equal(loaded._hubs[0].centroids, store._hubs[0].centroids)
-        for (lid, keys, _), (lid2, keys2, _) in zip(loaded._hubs[0].lists, store._hubs[0].lists):
-            assert torch.equal(lid, lid2) and torch.equal(keys, keys2)
+        assert sum(len(lid) for lid, _, _ in store._hubs[0].lists) > sum(len(lid) for lid, _, _ in Hub(
+            store, 0, store._hubs[0].queries, store._hubs[0].ids, store._hubs[0].centroids).lists)  # extended
+        for (lid, keys, _), (lid2, keys2, _), sole, sole2 in zip(loaded._hubs[0].lists, store._hubs[0].lists,
+                                                                  loaded._hubs[0].sole, store._hubs[0].sole):
+            assert torch.equal(lid, lid2) and torch.equal(keys, keys2) and torch.equal(sole, sole2)
         queries = torch.from_numpy(data.queries[:50])
         assert torch.equal(loaded.search(queries, 10, **{store.param: 4}).ids,
                            store.search(queries, 10, **{store.param: 4}).ids)
@@ -198,7 +205,20 @@ def test_corrupt_samples_are_refused_in_a_child(data, tmp_path):
         **{f"centroids-{name}": {**hub, "hub.centroids.p0": centroids} for name, centroids in {
             "none": torch.zeros(0, 32), "more-than-queries": torch.zeros(4, 32), "wide": torch.zeros(2, 31),
             "nan": torch.full((2, 32), np.nan), "int": torch.zeros(2, 32, dtype=torch.int64)}.items()},
+        **{f"lists-{name}": {**hub, "hub.centroids.p0": torch.randn(2, 32), **lists} for name, lists in {
+            "sizes-sum": {"hub.list_ids.p0": torch.tensor([0, 1, 2]), "hub.list_sizes.p0": torch.tensor([1, 1]),
+                          "hub.sole.p0": torch.tensor([-1, 0, 1])},
+            "sizes-negative": {"hub.list_ids.p0": torch.tensor([0, 1]), "hub.list_sizes.p0": torch.tensor([3, -1]),
+                               "hub.sole.p0": torch.tensor([-1, 0])},
+            "sole-range": {"hub.list_ids.p0": torch.tensor([0, 1]), "hub.list_sizes.p0": torch.tensor([1, 1]),
+                           "hub.sole.p0": torch.tensor([-1, 3])},
+            "absent-row": {"hub.list_ids.p0": torch.tensor([0, 10**9]), "hub.list_sizes.p0": torch.tensor([1, 1]),
+                           "hub.sole.p0": torch.tensor([-1, -1])},
+            "no-centroids": {"hub.centroids.p0": None, "hub.list_ids.p0": torch.tensor([0]),
+                             "hub.list_sizes.p0": torch.tensor([1]), "hub.sole.p0": torch.tensor([-1])},
+        }.items()},
     }.items():
+        tensors = {key: t for key, t in tensors.items() if t is not None}
         save_file(tensors, str(tmp_path / f"{name}.safetensors"))
         blobs[name] = (tmp_path / f"{name}.safetensors").read_bytes()
     cases = []
@@ -221,7 +241,8 @@ def test_a_save_from_before_the_hub_lists_loads_and_learns_them_again(data, tmp_
     store.save(tmp_path / "s")
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     tensors = load_file(str(tmp_path / "s" / manifest["files"]["asked"]["name"]))
-    del tensors["hub.centroids.p0"]
+    for name in ("centroids", "list_ids", "list_sizes", "sole"):
+        del tensors[f"hub.{name}.p0"]
     save_file(tensors, str(tmp_path / "old.safetensors"))
     resave(tmp_path / "s", "asked", (tmp_path / "old.safetensors").read_bytes())
     with kvmem.load(tmp_path / "s") as loaded:

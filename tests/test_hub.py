@@ -146,3 +146,24 @@ def test_a_large_add_extends_the_lists_in_chunks_as_one_add_would(monkeypatch):
     assert sum(len(lid) for lid, _, _ in whole.lists) > sum(len(lid) for lid, _, _ in Hub(store, 0, queries, ids).lists)
     for (a, ka, _), (b, kb, _), sa, sb in zip(whole.lists, chunked.lists, whole.sole, chunked.sole):
         assert torch.equal(a, b) and torch.equal(ka, kb) and torch.equal(sa, sb)
+
+
+def test_removed_and_evicted_rows_leave_a_live_stores_lists():
+    data = ood(3000, 16, queries=20, asked=200, seed=4)
+    store = kvmem.create("ivf", dim=16, value_dim=1, dtype=torch.float32, train_size=1000, nlist=16, capacity=3100)
+    ids = store.add(torch.from_numpy(data.base), torch.zeros(3000, 1))
+    for lo in range(0, 200, 50):
+        store.search(torch.from_numpy(data.asked[lo:lo + 50]), 32)
+    store._settle()
+    hub = store._hubs[0]
+    listed = lambda: torch.cat([lid for lid, _, _ in hub.lists])                # noqa: E731
+    gone = listed()[:10]
+    store.remove(gone)
+    assert not bool(torch.isin(listed(), gone).any())
+    assert all(len(lid) == len(keys) == len(sole) for (lid, keys, _), sole in zip(hub.lists, hub.sole))
+    before = listed()
+    store.add(torch.from_numpy(data.base[:200].copy()), torch.zeros(200, 1))   # past capacity: FIFO eviction
+    evicted = ids[~torch.from_numpy(store._book.slots_in(0, ids.numpy(), strict=False) >= 0)]
+    assert len(store) == 3100 and bool(torch.isin(before, evicted).any())     # listed rows were evicted
+    held = torch.from_numpy(store._book.slots_in(0, listed().numpy(), strict=False))
+    assert store._hubs[0] is hub and bool((held >= 0).all())                 # and left the lists

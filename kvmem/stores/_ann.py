@@ -332,12 +332,15 @@ class AnnStore(Tuning, TableStore):
         self._added += ids.shape[1]
         for p, hub in enumerate(self._hubs):
             if hub is not None:
+                hub.forget(torch.from_numpy(evicted[p]))
                 hub.extend(torch.from_numpy(ids[p]), keys[p])
 
     def _index_remove(self, removed: list[np.ndarray]) -> None:
         for p, gone in enumerate(removed):
             if len(gone):
                 self._parts[p].remove(gone)
+                if self._hubs[p] is not None:
+                    self._hubs[p].forget(torch.from_numpy(gone))
 
     def _index_clear(self, partitions: list[int]) -> None:
         for p in partitions:

@@ -114,6 +114,7 @@ def save_asked(store: AnnStore, directory: Path, tag: str) -> str:
             if hub is not None:
                 tensors[f"hub.queries.p{p}"], tensors[f"hub.ids.p{p}"] = hub.queries.contiguous(), hub.ids.contiguous()
                 tensors[f"hub.centroids.p{p}"] = hub.centroids.contiguous()
+                tensors.update({f"hub.{name}.p{p}": t.contiguous() for name, t in hub.flat().items()})
     name = f"asked.{tag}.safetensors"
     save_file(tensors, str(directory / name))
     return name
@@ -143,7 +144,7 @@ def load_asked(store: AnnStore, file: Path | None) -> None:
             raise CorruptStoreError(f"{file.name}: {name} holds NaN or Inf")
         return t
 
-    parts = ("queries", "hub.queries", "hub.ids", "hub.centroids")
+    parts = ("queries", "hub.queries", "hub.ids", "hub.centroids", "hub.list_ids", "hub.list_sizes", "hub.sole")
     known = {"seen", "fresh"} | {f"{w}.p{p}" for p in range(P) for w in parts}
     if set(tensors) - known:
         raise CorruptStoreError(f"{file.name}: unexpected tensors {sorted(set(tensors) - known)[:4]}")
@@ -168,6 +169,21 @@ def load_asked(store: AnnStore, file: Path | None) -> None:
         if centroids is not None and not 1 <= len(centroids) <= max(1, len(hq)):
             raise CorruptStoreError(f"{file.name}: partition {p}'s hub has {len(centroids)} centroids "
                                     f"for {len(hq)} queries")
-        hubs.append(Hub(store, p, hq, ids, centroids))
+        hub = Hub(store, p, hq, ids, centroids)
+        if f"hub.list_ids.p{p}" in tensors:                       # the lists as extended and pruned since
+            if centroids is None:
+                raise CorruptStoreError(f"{file.name}: partition {p}'s hub lists come without their centroids")
+            lists = get(f"hub.list_ids.p{p}", (None,), torch.int64)
+            sizes = get(f"hub.list_sizes.p{p}", (len(centroids),), torch.int64)
+            sole = get(f"hub.sole.p{p}", (len(lists),), torch.int64)
+            if (sizes.numel() and not 0 <= int(sizes.min()) <= int(sizes.max()) <= len(lists)) or (
+                    int(sizes.sum()) != len(lists)) or (
+                    sole.numel() and not (-1 <= int(sole.min()) and int(sole.max()) < len(hq))):
+                raise CorruptStoreError(f"{file.name}: partition {p}'s hub lists are malformed")
+            try:
+                hub.restore(store, p, lists, sizes, sole)
+            except ValueError as exc:
+                raise CorruptStoreError(f"{file.name}: partition {p}: {exc}") from None
+        hubs.append(hub)
     store._asked.rows, store._asked.seen, store._asked.fresh = rows, seen.copy(), fresh.copy()
     store._hubs = hubs

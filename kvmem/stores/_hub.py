@@ -26,11 +26,13 @@ key-to-key and its search starts from one entry point, and a faiss IVF list
 holds keys by their own centroid, so the lists live here. A query's work is
 the lists it probes (about ``PROBES * PER_LIST * depth / overlap`` keys, a few
 thousand), which grows far slower than the partition. Ids are kept, not slots,
-so rows removed since are skipped; a key added later joins the lists of the
-sampled queries whose worst kept neighbour it beats (:meth:`Hub.extend`). The
-key copy is at most ``S * depth`` rows (``S`` the sampled queries; in practice
-about half that: 1M attention keys of dim 32, 1,000 asked queries: 270k rows,
-35 MB) and is rebuilt at each calibration.
+and a key added later joins the lists of the sampled queries whose worst kept
+neighbour it beats (:meth:`Hub.extend`); removed and evicted ids leave them
+(:meth:`Hub.forget`), and a save keeps the lists as they are, so a reloaded
+store searches exactly as the live one did. The key copy is at most
+``S * depth`` rows (``S`` the sampled queries; 1M attention keys of dim 32 and
+1,000 asked queries: 234k rows, 35 MB), counted in ``store.nbytes()``, and is
+rebuilt at each calibration.
 """
 
 from __future__ import annotations
@@ -136,6 +138,37 @@ class Hub:
             self.lists[c] = (torch.cat([lid, ids[joined]]), torch.cat([old, prepared[joined]]),
                              None if old_bias is None else torch.cat([old_bias, bias[joined]]))
             self.sole[c] = torch.cat([self.sole[c], sole])
+
+    def forget(self, ids: torch.Tensor) -> None:
+        """Drop ``ids`` (removed or evicted) from every list."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        if not len(ids):
+            return
+        for c, (lid, keys, bias) in enumerate(self.lists):
+            keep = ~torch.isin(lid, ids)
+            if not bool(keep.all()):
+                self.lists[c] = (lid[keep], keys[keep], None if bias is None else bias[keep])
+                self.sole[c] = self.sole[c][keep]
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        """The lists as they are now (built, extended, pruned): ``list_ids``, ``list_sizes``, ``sole``."""
+        return {"list_ids": torch.cat([lid for lid, _, _ in self.lists]),
+                "list_sizes": torch.tensor([len(lid) for lid, _, _ in self.lists], dtype=torch.long),
+                "sole": torch.cat(self.sole)}
+
+    def restore(self, store: AnnStore, p: int, list_ids: torch.Tensor, sizes: torch.Tensor,
+                sole: torch.Tensor) -> None:
+        """Make the lists those :meth:`flat` gave (validated by the caller), their keys read from ``store``.
+        Raises ValueError when an id is not in the partition."""
+        slots = torch.from_numpy(store._book.slots_in(p, list_ids.numpy(), strict=False))
+        if bool((slots < 0).any()):
+            raise ValueError("a hub list names a row the partition does not hold")
+        rows = store._table.data["keys"][p]
+        self.lists, self.sole = [], []
+        for lid, at, brought in zip(list_ids.split(sizes.tolist()), slots.split(sizes.tolist()),
+                                    sole.split(sizes.tolist())):
+            self.lists.append((lid.clone(), *self._prepared(rows[at])))
+            self.sole.append(brought.clone())
 
     def nbytes(self) -> int:
         """Bytes held: the key copy, the ids, the sample and its neighbours."""
