@@ -42,7 +42,7 @@ from .recall import ground_truth, recall_at_k
 
 __all__ = ["AskedConfig", "run", "render", "main"]
 
-SWEEP = {"nprobe": (1, 2, 4, 8, 16, 32, 64), "ef": (64, 128, 256, 512, 1024)}
+SWEEP = {"nprobe": (1, 2, 4, 8, 16, 32, 64), "ef": (32, 64, 128, 256, 512, 1024)}
 
 
 @dataclasses.dataclass(frozen=True)

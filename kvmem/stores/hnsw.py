@@ -26,10 +26,10 @@ Options:
         1M clustered keys x 128 with M 16, recall@32 tops out at 0.89 with 200 (0.90 with
         M 32) and reaches 0.955 at ef 1024 with 500, for a build 2.5x as long.
     ef: search beam; None (default): calibrated per partition to ``target_recall``,
-        between 64 and max(256, rows / 512), past which the graph is no faster than
+        between 32 and max(256, rows / 512), past which the graph is no faster than
         exact search; a target out of that reach searches the partition exactly. Once the
         store has a hub (asked queries, :mod:`kvmem.stores._hub`), a query also scores
-        2 * (ef // 64) of its lists: on queries unlike the keys the beam alone gains little.
+        2 * max(1, ef // 64) of its lists: on queries unlike the keys the beam alone gains little.
     target_recall: recall@32 ef is calibrated for (default 0.95 when ef is None), on the
         queries the store is asked (see :mod:`kvmem.stores._ann`).
     query_sample, monitor: the asked-query sample and the recall monitor (:mod:`kvmem.stores._ann`).
@@ -60,7 +60,8 @@ __all__ = ["HNSWStore", "add_to_graph", "build_beam", "graph_nbytes", "remove_fr
 
 _FIRST_SIZE = 1024
 _GROWTH = 1.5
-_EF_FLOOR = 64
+_EF_FLOOR = 64             # ef before any calibration
+_EF_LOW = 32               # the smallest ef calibration tries (k = 32 is hnswlib's own floor for recall@32)
 _EF_ROWS = 512              # calibration's ef stays below rows / 512 (and 256): on 1M keys x 128, 1000 queries,
 _EF_CEILING = 256           # hnswlib at ef 600 (Gaussian keys) to 2500 (clustered) is no faster than exact search
 _SEED = 100                 # hnswlib's default random_seed
@@ -195,7 +196,7 @@ class HNSWStore(AnnStore):
 
     backend = "hnsw"
     param = "ef"
-    floor = _EF_FLOOR
+    floor = _EF_LOW
     search_params = frozenset({"ef"})
     defaults = {"M": 16, "ef_construction": None, "ef": None, "target_recall": None, **ANN_DEFAULTS}
 
@@ -233,12 +234,12 @@ class HNSWStore(AnnStore):
 
     def _hub_probes(self, value: int) -> int:
         """A graph built on keys gains little from a wider beam on queries unlike its keys (it routes by the
-        keys that look like the query), so ef buys hub lists too: 2 at ef 64, one more per 32 of ef."""
+        keys that look like the query), so ef buys hub lists too: 2 up to ef 127, then 2 more per 64 of ef."""
         return PROBES * max(1, value // _EF_FLOOR)
 
     def _value_range(self, partition: int) -> tuple[int, int]:
         live = self._parts[partition].live
-        return _EF_FLOOR, max(_EF_FLOOR, min(live, max(_EF_CEILING, live // _EF_ROWS)))
+        return _EF_LOW, max(_EF_LOW, min(live, max(_EF_CEILING, live // _EF_ROWS)))
 
     # ------------------------------------------------------------------ persistence
     def _part_state(self, partition: int, directory: Path, tag: str) -> tuple[dict[str, Any], str | None]:
