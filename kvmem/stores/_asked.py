@@ -101,7 +101,13 @@ class AskedQueries:
 
 # ---------------------------------------------------------------------------------------------- files
 def save_asked(store: AnnStore, directory: Path, tag: str) -> str:
-    """Write the samples and hubs of ``store`` to ``asked.<tag>.safetensors``; return the name."""
+    """Write the samples and hubs of ``store`` to ``asked.<tag>.safetensors``; return the name.
+
+    Tensors: ``seen``, ``fresh`` ``(P,)``; per partition p ``queries.p{p}`` (its sample) and, once it has a
+    hub, ``hub.queries.p{p}`` ``(S, dim)``, ``hub.ids.p{p}`` ``(S, depth)`` (their exact nearest ids, -1 pads),
+    ``hub.centroids.p{p}`` ``(C, dim)`` and the lists as they are now: ``hub.list_ids.p{p}`` (concatenated),
+    ``hub.list_sizes.p{p}`` ``(C,)``, ``hub.sole.p{p}`` (the one sampled query that brought each id, or -1).
+    """
     from safetensors.torch import save_file
 
     asked = store._asked
