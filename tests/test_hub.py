@@ -6,7 +6,7 @@ import torch
 from kvmem.benchmarks.datasets import ood
 
 import kvmem
-from kvmem.stores._hub import PROBES, Hub, kmeans
+from kvmem.stores._hub import PROBES, Hub, kmeans, merge
 
 
 def store_and_sample(metric: str, n: int = 3000, dim: int = 16, asked: int = 160, seed: int = 3):
@@ -167,3 +167,36 @@ def test_removed_and_evicted_rows_leave_a_live_stores_lists():
     assert len(store) == 3100 and bool(torch.isin(before, evicted).any())     # listed rows were evicted
     held = torch.from_numpy(store._book.slots_in(0, listed().numpy(), strict=False))
     assert store._hubs[0] is hub and bool((held >= 0).all())                 # and left the lists
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_each_querys_floor_is_the_score_of_its_worst_kept_neighbour(metric):
+    store, _, queries, ids = store_and_sample(metric)
+    hub = Hub(store, 0, queries, ids, seed=0)
+    worst = store._table.data["keys"][0][torch.from_numpy(store._book.slots_in(0, ids[:, -1].numpy()))]
+    if metric == "l2":                                       # ranks as -|q - x|^2, less the query's own |q|^2
+        want = -(queries - worst).square().sum(1) + queries.square().sum(1)
+    else:
+        want = (queries * worst).sum(1)
+    assert torch.allclose(hub.floor, want, rtol=1e-4, atol=1e-3)
+
+
+def test_more_probes_score_more_lists_and_count_their_keys():
+    store, data, queries, ids = store_and_sample("ip")
+    hub = Hub(store, 0, queries, ids, seed=0)
+    fresh = torch.from_numpy(data.queries)
+    for probes in (1, PROBES, 5):
+        lists = hub.probes(fresh, probes)
+        assert lists.shape == (len(fresh), probes)
+        assert hub.candidates(store, 0, fresh, 8, probes=probes).shape == (len(fresh), probes * 8)
+        sizes = torch.tensor([len(lid) for lid, _, _ in hub.lists])
+        assert torch.equal(hub.scored(fresh, probes), sizes[lists].sum(1) + len(hub.centroids))
+
+
+def test_merge_keeps_each_candidate_once_and_pads_with_minus_one():
+    index, extra = torch.tensor([[5, 3, -1], [7, 7, 2]]), torch.tensor([[3, 9], [2, 1]])
+    got = merge(index, extra)
+    assert got.shape == (2, 5)
+    for row, want in zip(got.tolist(), [{3, 5, 9}, {1, 2, 7}]):
+        kept = [s for s in row if s != -1]
+        assert sorted(kept) == sorted(want) and row.count(-1) == 5 - len(want)

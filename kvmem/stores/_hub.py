@@ -191,7 +191,7 @@ class Hub:
 
     def scored(self, queries: torch.Tensor, probes: int = PROBES) -> torch.Tensor:
         """Keys each of ``queries (n, dim)`` scores in the hub: ``(n,)`` (the centroids included)."""
-        sizes = torch.tensor([len(lid) for lid, _, _ in self.lists] + [0])
+        sizes = torch.tensor([len(lid) for lid, _, _ in self.lists])
         return sizes[self.probes(queries, probes)].sum(-1) + len(self.centroids)
 
     def candidates(self, store: AnnStore, p: int, queries: torch.Tensor, k: int,
