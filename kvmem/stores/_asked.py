@@ -10,8 +10,9 @@
   partition's hub (:class:`kvmem.stores._hub.Hub`, built from the sample when
   it was last calibrated on) in ``asked.<tag>.safetensors``.
 
-Neither is thread-safe for writes beyond what its docstring says: the store
-serialises calibration (which installs a hub) with its lock.
+Neither the sample nor a hub is thread-safe for writes beyond what its
+docstring says: the store serialises calibration (which installs a hub) and
+adds and removes (which extend and prune it) with its lock.
 """
 
 from __future__ import annotations
