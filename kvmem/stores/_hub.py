@@ -29,7 +29,10 @@ thousand), which grows far slower than the partition. Ids are kept, not slots,
 and a key added later joins the lists of the sampled queries whose worst kept
 neighbour it beats (:meth:`Hub.extend`); removed and evicted ids leave them
 (:meth:`Hub.forget`), and a save keeps the lists as they are, so a reloaded
-store searches exactly as the live one did. The key copy is at most
+store searches exactly as the live one did. That upkeep is not free: an add
+scores its keys against the ``S`` sampled queries and re-concatenates every
+list it touches (adding 2,000 rows to 100k of dim 32: 29 ms with a hub, 13 ms
+without; growable list buffers would remove most of it). The key copy is at most
 ``S * depth`` rows (``S`` the sampled queries; 1M attention keys of dim 32 and
 1,000 asked queries: 234k rows, 35 MB), counted in ``store.nbytes()``, and is
 rebuilt at each calibration.
