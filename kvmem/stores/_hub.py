@@ -31,8 +31,7 @@ neighbour it beats (:meth:`Hub.extend`); removed and evicted ids leave them
 (:meth:`Hub.forget`), and a save keeps the lists as they are, so a reloaded
 store searches exactly as the live one did. That upkeep is not free: an add
 scores its keys against the ``S`` sampled queries and re-concatenates every
-list it touches (adding 2,000 rows to 100k of dim 32: 29 ms with a hub, 13 ms
-without; growable list buffers would remove most of it). The key copy is at most
+list it touches. The key copy is at most
 ``S * depth`` rows (``S`` the sampled queries; 1M attention keys of dim 32 and
 1,000 asked queries: 234k rows, 35 MB), counted in ``store.nbytes()``, and is
 rebuilt at each calibration.
@@ -130,13 +129,14 @@ class Hub:
 
     def _extend(self, ids: torch.Tensor, keys: torch.Tensor) -> None:
         prepared, bias = self._prepared(keys)
-        hit = self._score(self.queries, prepared, bias) >= self.floor[:, None]          # (S, n)
-        for c in torch.unique(self.owner[hit.any(1)]).tolist():
-            members = (self.owner == c).nonzero().view(-1)
-            mine = hit[members]                                                         # (m, n)
-            joined = mine.any(0)
-            count = mine[:, joined].sum(0)
-            sole = members[mine[:, joined].int().argmax(0)].masked_fill(count > 1, -1)
+        member, key = (self._score(self.queries, prepared, bias) >= self.floor[:, None]).nonzero(as_tuple=True)
+        if not len(member):
+            return
+        n = len(ids)                                  # (list, key) pairs, sorted by list: who joins where
+        pair, inverse, count = torch.unique(self.owner[member] * n + key, return_inverse=True, return_counts=True)
+        brought = torch.empty_like(pair).scatter_(0, inverse, member).masked_fill_(count > 1, -1)
+        lists, sizes = torch.unique_consecutive(pair // n, return_counts=True)
+        for c, joined, sole in zip(lists.tolist(), (pair % n).split(sizes.tolist()), brought.split(sizes.tolist())):
             lid, old, old_bias = self.lists[c]
             self.lists[c] = (torch.cat([lid, ids[joined]]), torch.cat([old, prepared[joined]]),
                              None if old_bias is None else torch.cat([old_bias, bias[joined]]))
