@@ -43,6 +43,11 @@ def test_each_list_is_the_union_of_its_queries_neighbours_and_hands_over_its_bes
     fresh = torch.from_numpy(data.queries)
     got = hub.candidates(store, 0, fresh, 5).view(len(fresh), -1, 5)
     probes = hub.probes(fresh)
+    if metric == "l2":                                                   # routed by distance to the centroids
+        order = torch.cdist(fresh, hub.centroids).argsort(1)[:, :PROBES]
+    else:                                                                # by cosine
+        order = (torch.nn.functional.normalize(fresh, dim=1) @ hub.centroids.T).argsort(1, descending=True)[:, :PROBES]
+    assert (probes == order).float().mean() > 0.99                       # up to float ties
     assert probes.shape == (len(fresh), PROBES)
     every = store._table.data["keys"][0]
     for i in range(len(fresh)):
@@ -114,6 +119,10 @@ def test_added_keys_join_the_lists_of_the_queries_they_would_serve(metric):
         joined = bool(served[hub.owner == c].any())
         assert len(lid) == before[c] + joined and (near_id in lid.tolist()) == joined, c
         assert len(keys) == len(lid) == len(hub.sole[c]), c
+    for c, (lid, _, _) in enumerate(hub.lists):                          # who brought it, when one query did
+        members = (served & (hub.owner == c)).nonzero().view(-1)
+        if len(members):
+            assert int(hub.sole[c][lid.tolist().index(near_id)]) == (int(members[0]) if len(members) == 1 else -1)
     assert served[0] and all(nowhere_id not in lid.tolist() for lid, _, _ in hub.lists)   # it beats no floor
     top = hub.candidates(store, 0, queries[:1], 1)[0]
     assert store._book.slots_in(0, np.array([near_id]))[0] in top.tolist()
@@ -200,3 +209,15 @@ def test_merge_keeps_each_candidate_once_and_pads_with_minus_one():
     for row, want in zip(got.tolist(), [{3, 5, 9}, {1, 2, 7}]):
         kept = [s for s in row if s != -1]
         assert sorted(kept) == sorted(want) and row.count(-1) == 5 - len(want)
+
+
+def test_restoring_lists_that_name_absent_rows_is_refused():
+    store, _, queries, ids = store_and_sample("ip")
+    hub = Hub(store, 0, queries, ids, seed=0)
+    flat = hub.flat()
+    bad = flat["list_ids"].clone()
+    bad[0] = 10**9
+    with pytest.raises(ValueError, match="names a row the partition does not hold"):
+        hub.restore(store, 0, bad, flat["list_sizes"], flat["sole"])
+    hub.restore(store, 0, flat["list_ids"], flat["list_sizes"], flat["sole"])        # the good ones round-trip
+    assert torch.equal(torch.cat([lid for lid, _, _ in hub.lists]), flat["list_ids"])
