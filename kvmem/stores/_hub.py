@@ -99,7 +99,7 @@ class Hub:
                 at = torch.full((len(lid),), -1, dtype=torch.long)
                 at[keep] = torch.arange(int(keep.sum()))
                 mine = at[inverse.view(got.shape)]                                      # (m, depth) in the list
-                scores = self._score(self.queries[members], keys).gather(1, mine.clamp(min=0))
+                scores = self._score(self.queries[members], keys, bias).gather(1, mine.clamp(min=0))
                 scores = scores.masked_fill(mine < 0, float("inf")).masked_fill(got < 0, NEG_INF)
                 self.floor[members] = scores.min(1).values
         self.floor.masked_fill_(self.floor == float("inf"), NEG_INF)    # every neighbour removed: take all
@@ -113,11 +113,9 @@ class Hub:
             return keys.contiguous(), -keys.square().sum(1)
         return keys.contiguous(), None
 
-    def _score(self, q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.metric == "l2":
-            bias = -keys.square().sum(1) if bias is None else bias
-            return torch.addmm(bias, q, keys.T, alpha=2)
-        return q @ keys.T
+    def _score(self, q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Scores ``(n, L)`` of queries against prepared keys, ranked as the metric ranks (``bias``: l2's)."""
+        return q @ keys.T if bias is None else torch.addmm(bias, q, keys.T, alpha=2)
 
     def extend(self, ids: torch.Tensor, keys: torch.Tensor) -> None:
         """Keys ``(n, dim)`` just added under ``ids (n,)``: each joins the list of every sampled query whose
@@ -230,7 +228,9 @@ class Hub:
 
 def kmeans(x: torch.Tensor, count: int, metric: str, seed: int, rounds: int = _ITERATIONS) -> torch.Tensor:
     """``count`` centroids of ``x (n, dim)``: spherical (unit centroids, cosine) unless ``metric`` is l2.
-    Seeded; a centroid that loses all its points keeps its place."""
+    Seeded; a centroid that loses all its points keeps its place. Written here rather than faiss's
+    ``Kmeans`` so that the ``hnsw`` backend does not need faiss to import (``kvmem.backends()`` reports
+    each library on its own)."""
     g = torch.Generator().manual_seed(seed)
     centroids = x[torch.randperm(len(x), generator=g)[:count]].clone()
     for _ in range(rounds):
