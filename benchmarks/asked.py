@@ -53,6 +53,9 @@ class AskedConfig:
     k: int = 32
     repeats: int = 3                # timed calls per setting (median)
     backends: tuple[str, ...] = ("ivf", "hnsw")
+    asked: int | None = None        # asked queries used (None: all the dataset holds)
+    held_out: int | None = None     # held-out queries measured (None: all)
+    query_sample: int | None = None  # the stores' option (None: their default, 1,024)
     out: Path = Path("kvmem-bench")
 
 
@@ -143,6 +146,8 @@ def run(config: AskedConfig, *, verbose: bool = True) -> list[dict[str, Any]]:
     data = load_dataset(config.dataset, n=config.size, dim=config.dim)
     if data.asked is None:
         raise kvmem.InvalidInputError(f"dataset {config.dataset!r} has no asked queries (use ood or attention)")
+    data = dataclasses.replace(data, asked=data.asked[:config.asked], queries=data.queries[:config.held_out])
+    sample = {} if config.query_sample is None else {"query_sample": config.query_sample}
     queries = torch.from_numpy(np.ascontiguousarray(data.queries, np.float32))
     truth = ground_truth(data.base, data.queries, config.k, data.metric)
     exact = kvmem.create("exact", dim=data.dim, value_dim=1, dtype=torch.float32)
@@ -153,14 +158,14 @@ def run(config: AskedConfig, *, verbose: bool = True) -> list[dict[str, Any]]:
                                    "qps_vs_exact": 1.0}]
     exact.close()
     for backend in config.backends:
-        for options in ({}, {"query_sample": 0}):
+        for options in (sample, {"query_sample": 0}):
             rows += _kvmem_rows(backend, data, truth, queries, config, exact_qps, **options)
             if verbose:
                 print(render(rows[-len(SWEEP['nprobe' if backend == 'ivf' else 'ef']) - 1:]), flush=True)
         nlist = max(1, min(round(4 * data.size ** 0.5), data.size // 39))
         rows += _raw_rows(backend, data, truth, queries, config, exact_qps, nlist)
     meta = {"dataset": data.name, "n": data.size, "dim": data.dim, "k": config.k, "held_out": len(queries),
-            "asked": len(data.asked)}
+            "asked": len(data.asked), "query_sample": config.query_sample}
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / f"asked-{config.dataset}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     if verbose:
@@ -169,8 +174,9 @@ def run(config: AskedConfig, *, verbose: bool = True) -> list[dict[str, Any]]:
 
 
 def render(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -> str:
+    sample = "" if meta is None or meta.get("query_sample") is None else f" (query_sample {meta['query_sample']})"
     head = "" if meta is None else (f"{meta['dataset']}: {meta['n']:,} keys x {meta['dim']}, {meta['asked']} asked "
-                                    f"queries, {meta['held_out']} held out, k = {meta['k']}\n\n")
+                                    f"queries{sample}, {meta['held_out']} held out, k = {meta['k']}\n\n")
     lines = ["| backend | params | recall (held out) | reported | keys as queries | keys scored | QPS x exact |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -191,10 +197,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=AskedConfig.dim)
     ap.add_argument("--backends", default="ivf,hnsw")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--asked", type=int, default=None, help="asked queries to use (default: all the data has)")
+    ap.add_argument("--held-out", type=int, default=None, help="held-out queries to measure (default: all)")
+    ap.add_argument("--query-sample", type=int, default=None, help="the stores' query_sample (default: theirs)")
     ap.add_argument("--out", type=Path, default=AskedConfig.out)
     args = ap.parse_args(argv)
-    run(AskedConfig(args.dataset, args.size, args.dim, repeats=args.repeats,
-                    backends=tuple(args.backends.split(",")), out=args.out))
+    run(AskedConfig(args.dataset, args.size, args.dim, repeats=args.repeats, backends=tuple(args.backends.split(",")),
+                    asked=args.asked, held_out=args.held_out, query_sample=args.query_sample, out=args.out))
     return 0
 
 

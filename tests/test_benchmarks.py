@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 import pytest
-from kvmem.benchmarks import adapter_forward, ann, exact_flat, exact_parts, hnsw_beam, lmdb_bench, lookup, make_results
+from kvmem.benchmarks import (adapter_forward, ann, asked, exact_flat, exact_parts, hnsw_beam, lmdb_bench, lookup,
+                              make_results)
 from kvmem.benchmarks.report import BenchResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -52,6 +53,22 @@ def test_ann_small_runs_every_contender(tmp_path):
     assert (tmp_path / "recall_qps_clustered_ip.png").read_bytes()[:8] == PNG
     again = [BenchResult(**dataclasses.asdict(r)) for r in rows]
     assert "metric l2" in ann.render(again) and "metric ip" in ann.render(again)
+
+
+def test_asked_small_takes_the_asked_held_out_and_sample_it_is_given(tmp_path, monkeypatch):
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(asked, "SWEEP", {"nprobe": (1, 4), "ef": (32,)})
+    config = asked.AskedConfig("ood", size=33_000, dim=16, repeats=1, backends=("ivf",), asked=160, held_out=40,
+                               query_sample=128, out=tmp_path)
+    rows = asked.run(config, verbose=False)
+    kept = json.loads((tmp_path / "asked-ood.json").read_text())
+    assert kept["meta"]["asked"] == 160 and kept["meta"]["held_out"] == 40 and kept["meta"]["query_sample"] == 128
+    learned = [r for r in rows if r["backend"] == "ivf" and r.get("defaults")]
+    assert len(learned) == 1 and learned[0]["asked_queries"] == 128          # the sample is bounded by the option
+    assert [r.get("asked_queries") for r in rows if r["backend"] == "ivf-plain" and r.get("defaults")] == [0]
+    assert {r["backend"] for r in rows} == {"exact", "ivf", "ivf-plain", "faiss-ivf"}
+    assert all(0 < r["scored"] <= 1 for r in rows if "scored" in r) and all(r["qps"] > 0 for r in rows)
+    assert "(query_sample 128), 40 held out" in asked.render(rows, kept["meta"])
 
 
 def test_hnsw_beam_small_every_space(capsys):

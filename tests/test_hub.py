@@ -6,7 +6,7 @@ import torch
 from kvmem.benchmarks.datasets import ood
 
 import kvmem
-from kvmem.stores._hub import PROBES, Hub, kmeans, merge
+from kvmem.stores._hub import MIN_DEPTH, PROBES, SAMPLE_DEPTH, Hub, depth_for, kmeans, merge
 
 
 def store_and_sample(metric: str, n: int = 3000, dim: int = 16, asked: int = 160, seed: int = 3):
@@ -140,6 +140,28 @@ def test_a_store_extends_its_hub_as_it_grows():
     new = int(store.add(q * 50, torch.zeros(1, 1))[0])                # under a quarter more rows: no rebuild
     assert store._hubs[0] is hub and new in hub.lists[int(hub.owner[0])][0].tolist()
     assert int(store.search(q, 1, nprobe=1).ids[0, 0]) == new
+
+
+def test_a_larger_sample_keeps_fewer_neighbours_each_and_the_same_total():
+    assert [depth_for(rows) for rows in (1, 100_000, 1_000_000, 10**8)] == [256, 256, 488, 1024]
+    assert all(depth_for(rows, s) == depth_for(rows) for rows in (10, 10**6) for s in (1, 64, SAMPLE_DEPTH))
+    assert depth_for(1_000_000, 2 * SAMPLE_DEPTH) == 244 and depth_for(1_000_000, 4 * SAMPLE_DEPTH) == MIN_DEPTH
+    assert depth_for(10**8, 4 * SAMPLE_DEPTH) == 256 and depth_for(100_000, 10**6) == MIN_DEPTH
+
+
+def test_a_store_asked_a_large_sample_calibrates_its_hub_at_the_sample_s_depth(monkeypatch):
+    import kvmem.stores._hub as hub_module
+
+    monkeypatch.setattr(hub_module, "SAMPLE_DEPTH", 100)        # small enough that a test's sample passes it
+    monkeypatch.setattr(hub_module, "MIN_DEPTH", 40)
+    data = ood(3000, 16, queries=20, asked=400, seed=4)
+    store = kvmem.create("ivf", dim=16, value_dim=1, dtype=torch.float32, train_size=1000, nlist=16)
+    store.add(torch.from_numpy(data.base), torch.zeros(3000, 1))
+    store.calibrate(torch.from_numpy(data.asked))
+    assert store._hubs[0].ids.shape == (400, 64)                    # 256 * 100 // 400
+    store.calibrate(torch.from_numpy(data.asked[:50]))
+    assert store._hubs[0].ids.shape == (50, 256)
+    store.close()
 
 
 def test_a_large_add_extends_the_lists_in_chunks_as_one_add_would(monkeypatch):

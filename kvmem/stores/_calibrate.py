@@ -197,7 +197,7 @@ def calibrate(store: AnnStore, partition: int, target: float, low: int, high: in
         measure = _Recall(store, p, keys, min(K, count - 1), slots[:, None], None, False)
     else:
         k = min(K, count)
-        truth = store.exact_slots(asked[None], [p], max(k, depth_for(count)))[0]      # (S, depth), -1 pads
+        truth = store.exact_slots(asked[None], [p], max(k, depth_for(count, len(asked))))[0]      # (S, depth), -1 pads
         truth_ids = store._table.data["ids"][p][truth.clamp(min=0)].masked_fill(truth < 0, -1)
         hub = Hub(store, p, asked, truth_ids, seed=count)
         measure = _Recall(store, p, asked, k, None, hub, leave_out=True, truth=truth)

@@ -12,8 +12,9 @@ whose lists are made from queries, not keys:
   ``ip`` / ``cos``, Euclidean for ``l2``; about :data:`PER_LIST` queries per
   centroid);
 - list ``c`` holds every key that is among the exact nearest of some sampled
-  query in cluster ``c`` (:func:`depth_for`: 256 of them, more past 512k rows;
-  found when the partition was last calibrated on them), with a copy of its
+  query in cluster ``c`` (:func:`depth_for`: 256 of them, more past 512k rows,
+  fewer for a sample larger than 1,024; found when the partition was last
+  calibrated on them), with a copy of its
   key in float32;
 - a query is routed to its :data:`PROBES` nearest centroids and scores those
   lists' keys with one dense product per list (the queries of a batch that
@@ -48,20 +49,30 @@ from kvmem.topk import NEG_INF
 if TYPE_CHECKING:
     from kvmem.stores._ann import AnnStore
 
-__all__ = ["Hub", "DEPTH", "PER_LIST", "PROBES", "depth_for", "merge"]
+__all__ = ["Hub", "DEPTH", "MIN_DEPTH", "PER_LIST", "PROBES", "depth_for", "merge"]
 
 DEPTH = 256        # exact neighbours kept per sampled query (at least): what its list hands over
 ROWS_PER_DEPTH = 2048   # and one more per this many rows, up to MAX_DEPTH: a denser memory needs deeper
 MAX_DEPTH = 1024        # lists (1M attention keys: recall 0.92 at depth 256, 0.97 at 512, same probes)
+SAMPLE_DEPTH = 1024     # past this many sampled queries, each keeps proportionally fewer, down to
+MIN_DEPTH = 128         # this: a denser sample's queries lie nearer a new one (see depth_for)
 PER_LIST = 8       # sampled queries per list (centroid), on average
 PROBES = 2         # lists a query scores (hnsw: more at a larger ef, see HNSWStore._hub_probes)
 _ITERATIONS = 12   # k-means rounds
 _EXTEND_CHUNK = 8192   # added keys scored against the sample at once
 
 
-def depth_for(rows: int) -> int:
-    """Exact neighbours each sampled query keeps in a partition of ``rows`` rows."""
-    return min(MAX_DEPTH, max(DEPTH, rows // ROWS_PER_DEPTH))
+def depth_for(rows: int, sample: int = SAMPLE_DEPTH) -> int:
+    """Exact neighbours each of ``sample`` sampled queries keeps in a partition of ``rows`` rows.
+
+    Up to :data:`SAMPLE_DEPTH` queries, the depth grows with the partition alone. A larger sample
+    keeps the sample's total (``sample * depth``, so the hub's size and its calibration's top-k)
+    where 1,024 queries would have it, but not below :data:`MIN_DEPTH`: a new query's nearest
+    sampled queries are nearer, so fewer of their neighbours cover its own. On 1M attention keys
+    (lists alone, 2 probes): 1,000 queries x 512 reach recall 0.967 scoring 0.53 % of the keys;
+    8,000 x 128 reach 0.963 scoring 0.20 % (``benchmarks/RESULTS.md``, issue 13)."""
+    depth = min(MAX_DEPTH, max(DEPTH, rows // ROWS_PER_DEPTH))
+    return depth if sample <= SAMPLE_DEPTH else max(MIN_DEPTH, depth * SAMPLE_DEPTH // sample)
 
 
 class Hub:
