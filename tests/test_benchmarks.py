@@ -13,8 +13,17 @@ import math
 
 import numpy as np
 import pytest
-from kvmem.benchmarks import (adapter_forward, ann, asked, exact_flat, exact_parts, hnsw_beam, lmdb_bench, lookup,
-                              make_results)
+from kvmem.benchmarks import (
+    adapter_forward,
+    ann,
+    asked,
+    exact_flat,
+    exact_parts,
+    hnsw_beam,
+    lmdb_bench,
+    lookup,
+    make_results,
+)
 from kvmem.benchmarks.report import BenchResult
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -127,11 +136,11 @@ def test_bench_stores_never_learn_from_the_queries_they_are_measured_on(backend)
     from kvmem.benchmarks.contenders import contender
     from kvmem.benchmarks.datasets import clustered, ood
 
-    for data, asked in ((clustered(3000, 16, queries=50, seed=1), 0), (ood(3000, 16, queries=50, asked=200), 200)):
+    for data, sampled in ((clustered(3000, 16, queries=50, seed=1), 0), (ood(3000, 16, queries=50, asked=200), 200)):
         built = contender(backend).build(data, {})
         try:
             for _ in range(3):
                 built.search(np.ascontiguousarray(data.queries), 10)
-            assert built.store.stats()["partitions"][0]["asked_sample"] == asked
+            assert built.store.stats()["partitions"][0]["asked_sample"] == sampled
         finally:
             built.close()
