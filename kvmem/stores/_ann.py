@@ -34,7 +34,9 @@
   with a ``RuntimeWarning``, until a recalibration reaches it; a knob given
   per call or fixed by option always searches the index.
 - Options both backends take: ``query_sample`` (asked queries kept per
-  partition, default 1024; 0: none, calibration on stored keys only) and
+  partition, default 1024; 0: none, calibration on stored keys only; a larger
+  sample makes tighter hub lists, each query keeping fewer neighbours, at the
+  cost of a longer calibration: :func:`kvmem.stores._hub.depth_for`) and
   ``monitor`` (fraction of live query rows checked against exact search in the
   background, for a running recall estimate in ``stats()``; the store
   recalibrates when it falls below the target; default 0: off; cost in
