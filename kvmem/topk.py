@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from kvmem import devices
+from kvmem.stores._threads import spread, torch_threads
 
 __all__ = ["KeySource", "RunningTopK", "blocked_search", "exact_scores", "fast_rank_dtype", "rank_dtype_for"]
 
@@ -56,6 +57,7 @@ _U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16
 _U_F32 = 2.0 ** -24
 _UNIT = {torch.bfloat16: _U_BF16, torch.float32: _U_F32}
 _SMALL_Q = 8         # fewer queries than this: a memory-bound matvec, one BLAS thread is enough
+_SPAN_ROWS = 64      # query rows per span of a search split across threads, at least
 
 
 class _Limits(NamedTuple):
@@ -310,12 +312,17 @@ def _block_rows(partitions: int, queries: int, width: int, budget: int, longest:
 
 def blocked_search(source: KeySource, queries: torch.Tensor, k: int, metric: str, *,
                    rank_dtype: torch.dtype | None = None, block_elems: int | None = None,
-                   query_tile: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   query_tile: int | None = None, spans: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of ``queries (P, q, d)`` over ``source``: ``(scores (P, q, k) f32, slots (P, q, k))``.
 
     Scores are the float32 scores of :func:`exact_scores`, sorted best first;
     slots are ``-1`` (score ``-inf``) where a partition holds fewer than k rows.
     ``rank_dtype``: the working dtype of the ranking, ``torch.bfloat16`` or float32 (None).
+    ``spans``: where the matmuls go through NumPy's BLAS, the queries are cut into up to this many
+    spans searched side by side, each on one thread (BLAS included; ``source.blocks`` must then be
+    safe to call from several threads at once): one BLAS pool and one torch pool taking turns spin on
+    each other's cores (200k x 128 keys, 1,000 queries, 2 cores: 0.95 s a search with both pools,
+    0.68 s with torch on one thread, 0.50 s in two spans; ``benchmarks/exact_parts.py``, issue 14).
     """
     P, q, _ = queries.shape
     device = source.device
@@ -333,10 +340,22 @@ def blocked_search(source: KeySource, queries: torch.Tensor, k: int, metric: str
     budget = block_elems or budget
     tile = query_tile or tile
     work = rank_dtype or torch.float32
-    for t in range(0, q, tile):
-        part = slice(t, min(q, t + tile))
-        scores[:, part], slots[:, part] = _search_tile(source, queries[:, part], k, metric, work, budget,
-                                                       limits.max_rows)
+
+    def rows(lo: int, hi: int, elems: int) -> None:
+        for t in range(lo, hi, tile):
+            part = slice(t, min(hi, t + tile))
+            scores[:, part], slots[:, part] = _search_tile(source, queries[:, part], k, metric, work, elems,
+                                                           limits.max_rows)
+
+    if devices.cuda_like(device) or work not in (torch.float32, torch.float64):
+        rows(0, q, budget)                                      # torch's matmuls: torch's threads
+        return scores, slots
+    if spans <= 1 or q < 2 * _SPAN_ROWS:
+        with torch_threads(1):
+            rows(0, q, budget)
+    else:
+        with _blas_threads(1):
+            spread(lambda lo, hi: rows(lo, hi, max(1024, budget // spans)), q, spans, _SPAN_ROWS)
     return scores, slots
 
 

@@ -26,6 +26,14 @@ def test_spread_cuts_contiguous_spans_and_runs_each_once_in_order():
     assert spread(lambda lo, hi: torch.get_num_threads(), 90, 3, minimum=10) == [1, 1, 1]
 
 
+def test_a_span_on_the_pool_runs_a_nested_spread_in_one_piece():
+    """A search run on a pool thread (a span) that spreads again must not wait on the pool it occupies."""
+    nested = spread(lambda lo, hi: spread(lambda a, b: (a, b, threading.current_thread().name), 200, 4,
+                                          minimum=10), 60, 2, minimum=10)
+    assert len(nested[0]) == 4                                                 # the caller's span may split
+    assert [(a, b) for a, b, _ in nested[1]] == [(0, 200)] and nested[1][0][2].startswith("kvmem-ann")
+
+
 def test_spread_raises_only_after_every_span_finished():
     finished = []
 

@@ -8,12 +8,15 @@ the rows the test added (not from the store's own ``get``), to float32 resolutio
 :func:`kvmem.testing.checks.score_error`); each data set asserts that it is hard and still resolvable.
 """
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 
 import kvmem
 from kvmem import topk
+from kvmem.stores.exact import TableKeys
 from kvmem.testing import BruteForceMemory, StoreConformance, check_search, store_machine
 from kvmem.testing.checks import score_error
 
@@ -171,6 +174,39 @@ def test_many_blocks_and_uneven_partitions(ranking, metric):
     assert [store.count(p) for p in range(3)] == [3000, 0, 1500]
     queries = torch.randn(3, 40, 16, generator=gen)
     check_search(store.search(queries, 20), model, queries, 20, exact=True)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("kind", list(DATA))
+def test_a_search_split_in_spans_returns_what_one_span_returns(kind, metric, monkeypatch):
+    """Spans over the queries (each on its own thread, BLAS on one) give the one-span answer, second
+    passes included (certificate failures forced on half the queries), and leave BLAS as it was."""
+    from threadpoolctl import threadpool_info
+
+    keys, _ = DATA[kind](metric)
+    store, model = _filled(keys, metric, "fp32", block_elems=4096)
+    queries = keys[:, 7:407] + 1e-3 * torch.randn(keys.shape[0], 400, keys.shape[2], generator=_gen(3))
+    source = TableKeys(store)
+    certified = topk._certified
+    monkeypatch.setattr(topk, "_certified", lambda q, *a, **kw: certified(q, *a, **kw) & (
+        torch.arange(q.shape[1]) % 2 == 0))
+    tile, threads = topk._search_tile, set()
+
+    def on_thread(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return tile(*args, **kwargs)
+
+    monkeypatch.setattr(topk, "_search_tile", on_thread)
+    before = [pool["num_threads"] for pool in threadpool_info()]
+    one = topk.blocked_search(source, queries, K, metric, block_elems=4096, spans=1)
+    assert len(threads) == 1
+    split = topk.blocked_search(source, queries, K, metric, block_elems=4096, spans=2)
+    assert len(threads) == 2                                                    # the second span ran on the pool
+    assert [pool["num_threads"] for pool in threadpool_info()] == before
+    assert torch.equal(one[0], split[0])
+    if kind != "duplicates":                    # exact ties may come back in either order, both exact
+        assert torch.equal(one[1], split[1])
+    check_search(store.search(queries, K), model, queries, K, exact=True)        # the store splits here
 
 
 def test_well_separated_keys_are_certified_without_a_second_pass(monkeypatch):

@@ -38,6 +38,7 @@ import torch
 __all__ = ["cpus", "workers", "parallel", "spread", "thread_count", "torch_threads"]
 
 T = TypeVar("T")
+_POOL_NAME = "kvmem-ann"   # the shared pool's threads' names begin so
 SPAN_MIN = 32               # query rows per span, at least: a span costs ~0.1 ms of dispatch and small ops
 
 _pool: ThreadPoolExecutor | None = None
@@ -71,7 +72,7 @@ def _shared_pool() -> ThreadPoolExecutor:
     global _pool, _pool_pid
     with _pool_lock:
         if _pool is None or _pool_pid != os.getpid():   # a forked child gets a pool of its own
-            _pool = ThreadPoolExecutor(max_workers=cpus(), thread_name_prefix="kvmem-ann")
+            _pool = ThreadPoolExecutor(max_workers=cpus(), thread_name_prefix=_POOL_NAME)
             _pool_pid = os.getpid()
         return _pool
 
@@ -93,6 +94,8 @@ def spread(fn: Callable[[int, int], T], rows: int, threads: int, minimum: int = 
     least ``minimum`` rows (one span when fewer), each run with torch on one thread: the first on
     this thread, the others on the shared pool. Waits for every span before raising."""
     pieces = max(1, min(threads, rows // minimum))
+    if threading.current_thread().name.startswith(_POOL_NAME):
+        pieces = 1                              # a span of the pool never waits on the pool: no deadlock
     bounds = [rows * i // pieces for i in range(pieces + 1)]
     home = _getcpu() if _getcpu is not None and pieces > 1 else None
 

@@ -14,6 +14,12 @@ Options:
         the query tile and its rescoring within a quarter of the free device memory, at most 4 GiB:
         :func:`kvmem.topk.cuda_plan`).
 
+On the CPU with a float32 ranking (NumPy's BLAS), a search of 128 queries or more is cut
+into spans of queries, one per core the caller's ``torch.get_num_threads()`` allows, each
+searched on one thread with BLAS on one thread: one BLAS pool and torch's pool taking turns
+spin on each other's cores (200k x 128 keys, 1,000 queries, 2 cores: 0.95 -> 0.52 s).
+While it runs, NumPy's BLAS is limited to one thread process-wide.
+
 Thread-safe: searches run concurrently; ``add``/``remove``/``clear`` take the write lock.
 """
 
@@ -27,6 +33,7 @@ import torch
 
 from kvmem import devices
 from kvmem.errors import InvalidInputError
+from kvmem.stores._threads import workers
 from kvmem.tablestore import TableStore
 from kvmem.topk import blocked_search, rank_dtype_for
 
@@ -75,7 +82,7 @@ class ExactStore(TableStore):
     def _search(self, queries: torch.Tensor, k: int, params: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         rank = rank_dtype_for(self.options["ranking"], queries.shape[1], self.dtype, self.metric, self.device)
         return blocked_search(TableKeys(self), queries, k, self.metric, rank_dtype=rank,
-                              block_elems=self.options["block_elems"])
+                              block_elems=self.options["block_elems"], spans=workers(torch.get_num_threads()))
 
 
     def _row_blocks(self, rows: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
