@@ -37,6 +37,7 @@ cos     q/|q|               k/|k|                cos(q, k)
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
@@ -278,24 +279,47 @@ class _BlockScorer:
 
 
 def _blas_threads(limit: int | None) -> contextlib.AbstractContextManager[object]:
-    """Limit NumPy's BLAS to ``limit`` threads in the block (no-op for None or without threadpoolctl).
+    """NumPy's BLAS on one thread inside when ``limit`` is 1 (no-op for None or without threadpoolctl).
 
     A matvec is memory-bound: one thread streams as fast as two, and an idle
     OpenBLAS worker spinning beside torch's OpenMP threads slows everything after it.
+    The limit is process-wide, so it is held while any search is inside and the
+    count BLAS had before is put back when the last one leaves (two searches
+    restoring each other's saved counts would leave BLAS on one thread for good).
     """
-    global _CONTROLLER
     if limit is None:
         return contextlib.nullcontext()
-    if _CONTROLLER is None:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            return contextlib.nullcontext()
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER.limit(limits=limit, user_api="blas")
+    return _one_blas_thread()
 
 
-_CONTROLLER = None
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    global _CONTROLLER, _HOLDERS, _HELD
+    with _BLAS_LOCK:
+        if _CONTROLLER is None:
+            try:
+                from threadpoolctl import ThreadpoolController
+            except ImportError:
+                _CONTROLLER = False
+            else:
+                _CONTROLLER = ThreadpoolController()
+        if _CONTROLLER and _HOLDERS == 0:
+            _HELD = _CONTROLLER.limit(limits=1, user_api="blas")
+        _HOLDERS += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _HOLDERS -= 1
+            if _HOLDERS == 0 and _HELD is not None:
+                _HELD.restore_original_limits()
+                _HELD = None
+
+
+_CONTROLLER = None      # threadpoolctl's controller, made at first use (False: no threadpoolctl)
+_BLAS_LOCK = threading.Lock()
+_HOLDERS = 0            # searches inside _one_blas_thread now
+_HELD = None            # the limit they share, restored when the last one leaves
 
 
 def _block_rows(partitions: int, queries: int, width: int, budget: int, longest: int, converts: bool,

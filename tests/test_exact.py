@@ -299,6 +299,29 @@ def test_auto_ranking_takes_bfloat16_where_the_cpu_has_either_fast_path(monkeypa
         assert topk.rank_dtype_for("bf16", 1, torch.float32, "l2", cpu) is torch.bfloat16
 
 
+def test_overlapping_one_thread_limits_put_blas_back_when_the_last_leaves():
+    """Two searches holding BLAS at one thread, leaving in the order they came: the first to leave must
+    not restore the count under the second, and the last must put back what BLAS had."""
+    pytest.importorskip("threadpoolctl")
+    with topk._blas_threads(1):                                 # the controller: the BLAS it limits
+        pass
+
+    def blas():
+        return [pool["num_threads"] for pool in topk._CONTROLLER.info() if pool["user_api"] == "blas"]
+
+    before = blas()
+    if not before or max(before) == 1:
+        pytest.skip("BLAS already runs on one thread here: nothing to restore")
+    first, second = topk._blas_threads(1), topk._blas_threads(1)
+    first.__enter__()
+    second.__enter__()
+    assert set(blas()) == {1}
+    first.__exit__(None, None, None)
+    assert set(blas()) == {1}                                   # the second is still inside
+    second.__exit__(None, None, None)
+    assert blas() == before and topk._HOLDERS == 0
+
+
 def test_the_first_few_query_search_creates_the_blas_thread_controller(monkeypatch):
     """A search of fewer than 8 queries runs NumPy's BLAS on one thread; in a fresh process (no controller
     yet) the first one creates the controller, and the result is exact."""
