@@ -243,3 +243,12 @@ def test_restoring_lists_that_name_absent_rows_is_refused():
         hub.restore(store, 0, bad, flat["list_sizes"], flat["sole"])
     hub.restore(store, 0, flat["list_ids"], flat["list_sizes"], flat["sole"])        # the good ones round-trip
     assert torch.equal(torch.cat([lid for lid, _, _ in hub.lists]), flat["list_ids"])
+
+
+def test_nbytes_counts_the_sample_its_neighbours_and_every_list():
+    store, _, queries, ids = store_and_sample("l2")
+    hub = Hub(store, 0, queries, ids, seed=0)
+    lists = sum(lid.numel() * 8 + keys.numel() * 4 + bias.numel() * 4 for lid, keys, bias in hub.lists)
+    sample = queries.numel() * 4 + ids.numel() * 8 + hub.centroids.numel() * 4 + len(queries) * (8 + 4)
+    sole = sum(s.numel() * 8 for s in hub.sole)
+    assert hub.nbytes() == lists + sample + sole
