@@ -214,26 +214,32 @@ class Hub:
         n = len(queries)
         probe = self.probes(queries, probes)                                            # (n, r)
         r = probe.shape[1]
-        out = torch.full((n * r, k), -1, dtype=torch.long)                              # row i * r + j: probe j of i
         order = probe.view(-1).argsort()                                                # the pairs, list by list
-        start = 0
+        rows = order // r                                                               # their queries, in order
+        asking = queries[rows]
+        found, start = [], 0                       # each list's (m, k) best, gathered once at the end
         for c, m in enumerate(torch.bincount(probe.view(-1), minlength=len(self.lists)).tolist()):
-            pairs, start = order[start:start + m], start + m
             lid, keys, bias = self.lists[c]
-            if not m or not len(lid):
+            if not m:
                 continue
-            rows = pairs // r
-            s = self._score(queries[rows], keys, bias)                                  # (m, L)
+            if not len(lid):                                                            # emptied by forget
+                found.append(torch.full((m, k), -1, dtype=torch.long))
+                start += m
+                continue
+            s = self._score(asking[start:start + m], keys, bias)                        # (m, L)
             if leave_out:
-                s.masked_fill_(self.sole[c][None, :] == rows[:, None], NEG_INF)
+                s.masked_fill_(self.sole[c][None, :] == rows[start:start + m, None], NEG_INF)
             best, at = s.topk(min(k, len(lid)), -1)
             got = lid[at]
             if leave_out:
                 got.masked_fill_(best == NEG_INF, -1)
-            if at.shape[1] == k:
-                out.index_copy_(0, pairs, got)
-            else:
-                out[pairs, :at.shape[1]] = got
+            if at.shape[1] < k:                                                         # a list shorter than k
+                got = torch.nn.functional.pad(got, (0, k - at.shape[1]), value=-1)
+            found.append(got)
+            start += m
+        out = torch.full((n * r, k), -1, dtype=torch.long)                              # row i * r + j: probe j of i
+        if found:
+            out.index_copy_(0, order, torch.cat(found))
         return torch.from_numpy(store._book.slots_in(p, out.view(n, -1).numpy(), strict=False))
 
 
