@@ -143,6 +143,10 @@ def _raw_rows(backend: str, data: Dataset, truth, queries: torch.Tensor, config:
 
 
 def run(config: AskedConfig, *, verbose: bool = True) -> list[dict[str, Any]]:
+    for name in ("asked", "held_out"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise kvmem.InvalidInputError(f"{name} must be a positive number of queries or None; got {value!r}")
     data = load_dataset(config.dataset, n=config.size, dim=config.dim)
     if data.asked is None:
         raise kvmem.InvalidInputError(f"dataset {config.dataset!r} has no asked queries (use ood or attention)")

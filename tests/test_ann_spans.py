@@ -102,3 +102,28 @@ def test_a_span_woken_on_its_callers_cpu_moves_off_it_and_back():
     for elsewhere in (None, max(allowed) + 1):                      # not on that CPU: nothing changes
         with _threads._off(elsewhere):
             assert os.sched_getaffinity(0) == allowed
+
+
+def test_exact_slots_of_an_ann_store_spread_over_threads_as_exact_does(monkeypatch):
+    """Calibration's and the unindexed partitions' exact search (``exact_slots``) cuts its queries into
+    spans like the ``exact`` backend, and returns what one span returns."""
+    from kvmem import topk
+    from kvmem.stores.exact import TableKeys
+
+    data = clustered(3000, 16, queries=300, seed=4)
+    store = kvmem.create("ivf", dim=16, value_dim=1, dtype=torch.float32, query_sample=0)
+    store.add(torch.from_numpy(data.base), torch.zeros(3000, 1))
+    queries = torch.from_numpy(data.queries)[None]
+    tile, threads = topk._search_tile, set()
+
+    def on_thread(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return tile(*args, **kwargs)
+
+    monkeypatch.setattr(topk, "_search_tile", on_thread)
+    with _threads.torch_threads(2):
+        split = store.exact_slots(queries, [0], K)
+    assert len(threads) == 2
+    _, one = topk.blocked_search(TableKeys(store, [0]), queries, K, store.metric)        # one span
+    assert torch.equal(split, one)
+    store.close()

@@ -80,6 +80,15 @@ def test_asked_small_takes_the_asked_held_out_and_sample_it_is_given(tmp_path, m
     assert "(query_sample 128), 40 held out" in asked.render(rows, kept["meta"])
 
 
+@pytest.mark.parametrize("bad", [{"asked": 0}, {"held_out": -5}, {"asked": 2.5}, {"held_out": True}])
+def test_asked_refuses_a_bad_count_of_queries_before_running(tmp_path, bad):
+    import kvmem
+
+    with pytest.raises(kvmem.InvalidInputError, match="positive number of queries"):
+        asked.run(asked.AskedConfig("ood", size=1000, dim=8, out=tmp_path / "out", **bad), verbose=False)
+    assert not (tmp_path / "out").exists()                                       # nothing written
+
+
 def test_hnsw_beam_small_every_space(capsys):
     rows = hnsw_beam.main(["--size", "2000", "--dim", "16", "--queries", "40", "--k", "5", "--efs", "16,200",
                            "--variants", "ip:8:100,lift:8:100,cosine:8:100,l2:8:100"])

@@ -422,9 +422,11 @@ class AnnStore(Tuning, TableStore):
 
     def exact_slots(self, queries: torch.Tensor, partitions: list[int], k: int) -> torch.Tensor:
         """Slots ``(len(partitions), q, k)`` of the exact top-k of ``queries (len(partitions), q, dim)``,
-        searched as the ``exact`` backend searches (certified bfloat16 ranking where it pays)."""
+        searched as the ``exact`` backend searches (certified bfloat16 ranking where it pays, spans of
+        queries over the caller's threads)."""
         rank = rank_dtype_for("auto", queries.shape[1], self.dtype, self.metric, self.device)
-        _, slots = blocked_search(TableKeys(self, partitions), queries, k, self.metric, rank_dtype=rank)
+        _, slots = blocked_search(TableKeys(self, partitions), queries, k, self.metric, rank_dtype=rank,
+                                  spans=workers(torch.get_num_threads()))
         return slots
 
     # ------------------------------------------------------------------ persistence
