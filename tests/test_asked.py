@@ -1,6 +1,7 @@
 """Calibration on the queries a store is asked (ivf, hnsw): the sample, the hub, calibrate(), files."""
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -11,12 +12,21 @@ from kvmem.benchmarks.datasets import ood
 from kvmem.benchmarks.recall import ground_truth
 
 import kvmem
+from kvmem.stores import _calibrate
 from kvmem.stores._asked import AskedQueries
 from kvmem.stores._calibrate import smallest_value
 from kvmem.stores._hub import Hub
 from kvmem.testing.child import load_in_child
 
 OPTIONS = {"ivf": {"train_size": 3000}, "hnsw": {"ef_construction": 120}}      # small and quick to build
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_hub():
+    """These tests are about the hub: keep it whatever the timing (the choice is tested on its own)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_calibrate, "_HUB_MARGIN", math.inf)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +83,25 @@ def test_the_hub_beats_the_plain_index_at_equal_knob_on_unlike_queries(asked_sto
     with_hub, without = recall(store, data, truth, **knob), recall(plain, data, truth, **knob)
     assert plain.calibration()[0].queries == 0 and plain._hubs == [None]
     assert with_hub >= without + 0.05, (with_hub, without)
+
+
+def test_the_plain_index_serves_where_it_reaches_the_target_and_the_hub_does_not_pay(data, truth, monkeypatch):
+    monkeypatch.setattr(_calibrate, "_HUB_MARGIN", 0.0)           # the hub never pays where plain reaches it
+    store = build(data, "ivf", target_recall=0.9)
+    ask(store, data.asked)
+    store.freeze()
+    cal = store.calibration()[0]
+    assert store._hubs == [None] and cal.queries == 500 and not cal.exact   # still calibrated on asked queries
+    assert store.nbytes() == store._table.nbytes() + store._parts[0].nbytes()
+    assert store.stats()["partitions"][0]["hub_rows"] == 0
+    delivered = recall(store, data, truth)
+    assert delivered >= 0.88 and abs(cal.recall - delivered) <= 0.03, (cal, delivered)
+    capped = build(data, "ivf", target_recall=0.9)                  # where nprobe 1 is all the plain index may
+    monkeypatch.setattr(capped, "_value_range", lambda p: (1, 1))   # use, it cannot reach: the hub stays
+    ask(capped, data.asked)
+    hub = capped._hubs[0]
+    assert hub is not None and capped.stats()["partitions"][0]["hub_rows"] == sum(len(i) for i, _, _ in hub.lists)
+    assert recall(capped, data, truth) >= 0.88
 
 
 @pytest.mark.parametrize("backend", ["ivf", "hnsw"])

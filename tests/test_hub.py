@@ -1,12 +1,21 @@
 """The hub (kvmem.stores._hub): query-routed lists, checked against a brute-force reading of what they must hold."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from kvmem.benchmarks.datasets import ood
 
 import kvmem
+from kvmem.stores import _calibrate
 from kvmem.stores._hub import MIN_DEPTH, PROBES, SAMPLE_DEPTH, Hub, depth_for, kmeans, merge
+
+
+@pytest.fixture(autouse=True)
+def keep_hub(monkeypatch):
+    """The stores here are about their hub: keep it whatever the timing (tests/test_asked.py tests the choice)."""
+    monkeypatch.setattr(_calibrate, "_HUB_MARGIN", math.inf)
 
 
 def store_and_sample(metric: str, n: int = 3000, dim: int = 16, asked: int = 160, seed: int = 3):

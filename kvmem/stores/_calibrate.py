@@ -46,6 +46,7 @@ best at any price. A per-call or fixed knob still searches the index.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,7 @@ import torch
 
 from kvmem.errors import CorruptStoreError
 from kvmem.stores._hub import Hub, depth_for, merge
-from kvmem.stores._threads import cpus, spread
+from kvmem.stores._threads import cpus, spread, torch_threads
 from kvmem.topk import NEG_INF, exact_scores
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ __all__ = ["Calibration", "calibrate", "smallest_value", "K", "QUERIES"]
 K = 32              # recall@K is what a calibration measures
 QUERIES = 512       # stored keys sampled as queries per calibration (standard error ~0.005 at recall 0.95)
 _TIE_RTOL = 1e-5
+_HUB_MARGIN = 1.25  # the hub is kept unless the plain index at its own knob is this much faster
 _PLATEAU = 0.1      # a doubling that adds less than this fraction of the misses and of the recall: a plateau
 
 
@@ -202,12 +204,51 @@ def calibrate(store: AnnStore, partition: int, target: float, low: int, high: in
         hub = Hub(store, p, asked, truth_ids, seed=count)
         measure = _Recall(store, p, asked, k, None, hub, leave_out=True, truth=truth)
     value, measured = smallest_value(measure, low, max(low, high), target)
+    if hub is not None and reaches(measured, target):
+        plain = _Recall(store, p, asked, k, None, None, False, truth=truth)
+        plain_value, plain_measured = smallest_value(plain, low, max(low, high), target)
+        if reaches(plain_measured, target) and not _hub_pays(store, p, asked, k, hub, value, plain_value):
+            hub, value, measured = None, plain_value, plain_measured
     key_recall = measured[0]
     if asked is not None and count >= 2:
         key_recall = _Recall(store, p, keys, min(K, count - 1), slots[:, None], hub, False)(value)[0]
     cal = Calibration(value=value, recall=measured[0], rows=count, k=measure.k, exact=not reaches(measured, target),
                       queries=0 if asked is None else len(asked), key_recall=key_recall)
     return cal, hub
+
+
+def _hub_pays(store: AnnStore, p: int, asked: torch.Tensor, k: int, hub: Hub, value: int, plain_value: int) -> bool:
+    """Whether searching ``asked`` with the hub at ``value`` is not clearly slower (by :data:`_HUB_MARGIN`)
+    than the plain index at ``plain_value``, each with its rescoring; best of three timings, one thread.
+    Where the plain index reaches the target cheaply, the hub's lists cost more than they save: on 100k
+    attention keys they hold nearly every key, and plain ivf at nprobe 16 searched 2.5x faster
+    (``benchmarks/RESULTS.md``, issue 13)."""
+    q32, probes = asked.numpy(), store._hub_probes(value)
+    answered = True
+
+    def search(at: int, lists: bool) -> None:
+        nonlocal answered
+        labels = store._parts[p].search(q32, k, at)
+        if labels is None:                                    # the library could not answer: keep the hub
+            answered = False
+            return
+        got = torch.from_numpy(store._book.slots_in(p, labels))
+        if lists:
+            got = merge(got, hub.candidates(store, p, asked, k, probes=probes))
+        _scores(store, p, asked, got, None).topk(k, -1)
+
+    with torch_threads(1):
+        pays = _seconds(lambda: search(value, True)) <= _HUB_MARGIN * _seconds(lambda: search(plain_value, False))
+    return pays or not answered
+
+
+def _seconds(fn: Callable[[], None], repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _scores(store: AnnStore, p: int, queries: torch.Tensor, slots: torch.Tensor,

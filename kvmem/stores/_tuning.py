@@ -51,12 +51,14 @@ class Tuning:
 
     def stats(self) -> dict[str, Any]:
         """What the store knows of the recall it delivers: target, per partition the calibration (see
-        :meth:`calibration`) and the asked-query sample (size, queries seen), and the monitor's running
-        estimate (:mod:`kvmem.stores._monitor`; ``checked`` 0 when off)."""
+        :meth:`calibration`), the asked-query sample (size, queries seen) and the keys in the hub's lists
+        (``hub_rows``; 0 where the partition has no hub, or the plain index reached the target faster),
+        and the monitor's running estimate (:mod:`kvmem.stores._monitor`; ``checked`` 0 when off)."""
         return {"backend": self.backend, "target_recall": self.target_recall, "param": self.param,
                 "partitions": [{"calibration": None if cal is None else cal.to_dict(),
-                                "asked_sample": len(self._asked.rows[p]), "asked_seen": int(self._asked.seen[p])}
-                               for p, cal in enumerate(self._calibrations)],
+                                "asked_sample": len(self._asked.rows[p]), "asked_seen": int(self._asked.seen[p]),
+                                "hub_rows": 0 if hub is None else sum(len(ids) for ids, _, _ in hub.lists)}
+                               for p, (cal, hub) in enumerate(zip(self._calibrations, self._hubs))],
                 "monitor": self._monitor.estimate()}
 
     def observe(self, queries: Any) -> None:

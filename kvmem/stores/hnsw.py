@@ -62,6 +62,8 @@ _FIRST_SIZE = 1024
 _GROWTH = 1.5
 _EF_FLOOR = 64             # ef before any calibration
 _EF_LOW = 32               # the smallest ef calibration tries (k = 32 is hnswlib's own floor for recall@32)
+_EF_PER_PROBE = 16         # one more hub list per this much ef above _EF_LOW (see HNSWStore._hub_probes)
+_HUB_PROBES_MAX = 16       # and no more hub lists than this
 _EF_ROWS = 512              # calibration's ef stays below rows / 512 (and 256): on 1M keys x 128, 1000 queries,
 _EF_CEILING = 256           # hnswlib at ef 600 (Gaussian keys) to 2500 (clustered) is no faster than exact search
 _SEED = 100                 # hnswlib's default random_seed
@@ -234,8 +236,10 @@ class HNSWStore(AnnStore):
 
     def _hub_probes(self, value: int) -> int:
         """A graph built on keys gains little from a wider beam on queries unlike its keys (it routes by the
-        keys that look like the query), so ef buys hub lists too: 2 up to ef 127, then 2 more per 64 of ef."""
-        return PROBES * max(1, value // _EF_FLOOR)
+        keys that look like the query), so ef buys hub lists faster than beam: 2 at ef 32 and below, one more
+        per 16 of ef, up to 16 lists. On 1M attention keys, 1,000 queries: ef 48 with 3 lists reaches recall
+        0.973 at 17x exact; ef 130 with 4 lists (the old 2 per 64 of ef) reached 0.980 at 9x."""
+        return min(_HUB_PROBES_MAX, PROBES + max(0, value - _EF_LOW) // _EF_PER_PROBE)
 
     def _value_range(self, partition: int) -> tuple[int, int]:
         live = self._parts[partition].live
