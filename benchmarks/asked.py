@@ -103,7 +103,8 @@ def _kvmem_rows(backend: str, data: Dataset, truth, queries: torch.Tensor, confi
                 "qps": qps, "qps_vs_exact": qps / exact_qps, **extra}
 
     cal, hub = store.calibration()[0], store._hubs[0]
-    size = {} if hub is None else {"hub_rows": sum(len(lid) for lid, _, _ in hub.lists), "hub_mb": hub.nbytes() / 2**20}
+    size = {} if name.endswith("-plain") else {"hub_rows": store.stats()["partitions"][0]["hub_rows"],
+                                               "hub_mb": 0 if hub is None else hub.nbytes() / 2**20}
     secs, res = _timed(lambda: store.search(queries, config.k).ids.numpy(), config.repeats)
     rows = [row({}, secs, res, defaults=True, build_s=build_s, **{knob: cal.value if cal else None},
                 reported=cal.recall if cal else None, key_recall=cal.key_recall if cal else None,
@@ -185,8 +186,10 @@ def render(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         params = r["params"] or ", ".join(["defaults"] + [f"{k} {r[k]}" for k in ("nprobe", "ef") if k in r])
-        if "hub_rows" in r:
+        if r.get("hub_rows"):
             params += f" (hub: {r['hub_rows']:,} rows, {r['hub_mb']:.0f} MB)"
+        elif "hub_rows" in r:
+            params += " (no hub: the plain index reached the target faster)"
         fmt = lambda x: "–" if x is None else f"{x:.3f}"                                          # noqa: E731
         scored = "–" if "scored" not in r else f"{100 * r['scored']:.2f} %"
         lines.append(f"| {r['backend']} | {params} | {r['recall']:.3f} | {fmt(r.get('reported'))} | "

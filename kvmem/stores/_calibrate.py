@@ -21,8 +21,13 @@ Neither faiss nor hnswlib offers this. For one partition:
 On asked queries the candidates include the hub's
 (:class:`~kvmem.stores._hub.Hub`), no sampled query handed the ids only it brought,
 and the calibration's exact neighbours become the partition's new hub. The
-record also carries the recall of stored keys used as queries at the chosen
-value (``key_recall``), beside the recall of the asked queries.
+hub is kept only where it pays: the plain index is calibrated on the same
+asked queries too, and where it reaches the target and searches them clearly
+faster (:data:`_HUB_MARGIN`, timed on one thread), it serves alone and the hub
+is dropped (at 100k attention keys the lists hold nearly every key; at 1M the
+hub needs a third of the keys plain IVF does). The record also carries the
+recall of stored keys used as queries at the chosen value (``key_recall``),
+beside the recall of the asked queries.
 
 Recall counts a returned row as a hit when its exact score is within a
 relative 1e-5 of the true k-th score (ties are not misses), as ann-benchmarks
