@@ -64,7 +64,8 @@ def _info(args: argparse.Namespace) -> int:
         if cal is not None:
             rests = f"{cal.get('queries', 0)} asked queries" if cal.get("queries") else "stored keys as queries"
             rows.append((f"calibration p{p}", f"knob {cal['value']}, recall {cal['recall']:.3f} on {rests}, "
-                                              f"keys as queries {cal.get('key_recall', cal['recall']):.3f}"))
+                                              f"keys as queries {cal.get('key_recall', cal['recall']):.3f}"
+                                              + ("" if cal.get("index", True) else ", the hub's lists alone")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

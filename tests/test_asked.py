@@ -25,7 +25,7 @@ OPTIONS = {"ivf": {"train_size": 3000}, "hnsw": {"ef_construction": 120}}      #
 def keep_hub():
     """These tests are about the hub: keep it whatever the timing (the choice is tested on its own)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_calibrate, "_HUB_MARGIN", math.inf)
+        patch.setattr(_calibrate, "_MARGIN", math.inf)
         yield
 
 
@@ -85,23 +85,72 @@ def test_the_hub_beats_the_plain_index_at_equal_knob_on_unlike_queries(asked_sto
     assert with_hub >= without + 0.05, (with_hub, without)
 
 
-def test_the_plain_index_serves_where_it_reaches_the_target_and_the_hub_does_not_pay(data, truth, monkeypatch):
-    monkeypatch.setattr(_calibrate, "_HUB_MARGIN", 0.0)           # the hub never pays where plain reaches it
+def choosing(monkeypatch, hub: bool, index: bool) -> None:
+    """Make calibration pick the option with this ``hub`` / ``index`` where it reaches the target (the timing
+    that picks in use is tested on its own below)."""
+    def pick(store, p, asked, k, options, target):
+        wanted = [o for o in options if (o[0] is not None) == hub and o[1] == index
+                  and _calibrate.reaches(o[3], target)]
+        return wanted[0] if wanted else options[0]
+    monkeypatch.setattr(_calibrate, "_fastest", pick)
+
+
+def test_the_plain_index_serves_where_calibration_finds_it_faster(data, truth, monkeypatch):
+    choosing(monkeypatch, hub=False, index=True)
     store = build(data, "ivf", target_recall=0.9)
     ask(store, data.asked)
     store.freeze()
     cal = store.calibration()[0]
-    assert store._hubs == [None] and cal.queries == 500 and not cal.exact   # still calibrated on asked queries
+    assert store._hubs == [None] and cal.queries == 500 and cal.index and not cal.exact   # on asked queries
     assert store.nbytes() == store._table.nbytes() + store._parts[0].nbytes()
     assert store.stats()["partitions"][0]["hub_rows"] == 0
     delivered = recall(store, data, truth)
     assert delivered >= 0.88 and abs(cal.recall - delivered) <= 0.03, (cal, delivered)
-    capped = build(data, "ivf", target_recall=0.9)                  # where nprobe 1 is all the plain index may
-    monkeypatch.setattr(capped, "_value_range", lambda p: (1, 1))   # use, it cannot reach: the hub stays
-    ask(capped, data.asked)
-    hub = capped._hubs[0]
-    assert hub is not None and capped.stats()["partitions"][0]["hub_rows"] == sum(len(i) for i, _, _ in hub.lists)
-    assert recall(capped, data, truth) >= 0.88
+
+
+@pytest.mark.parametrize("backend", ["ivf", "hnsw"])
+def test_the_hub_answers_alone_where_calibration_finds_it_faster(backend, data, truth, monkeypatch, tmp_path):
+    choosing(monkeypatch, hub=True, index=False)
+    store = build(data, backend, target_recall=0.9)
+    ask(store, data.asked)
+    store.freeze()
+    cal = store.calibration()[0]
+    assert store._hubs[0] is not None and not cal.index and not cal.exact and cal.queries == 500
+    part, calls = store._parts[0], []
+    searched = part.search
+    monkeypatch.setattr(part, "search", lambda *args: calls.append(1) or searched(*args))
+    delivered = recall(store, data, truth)                          # defaults: the lists alone
+    assert calls == [] and delivered >= 0.88 and abs(cal.recall - delivered) <= 0.03, (cal, delivered)
+    store.search(torch.from_numpy(data.queries[:5]), 32, **{store.param: 8})
+    assert len(calls) == 1                                          # a knob per call searches the index
+    store.save(tmp_path / "s")
+    loaded = kvmem.load(tmp_path / "s")
+    loaded.freeze()
+    assert loaded.calibration() == store.calibration()
+    got, want = (s.search(torch.from_numpy(data.queries), 32).ids for s in (loaded, store))
+    assert torch.equal(got, want)
+
+
+def test_of_the_options_that_reach_the_target_the_fastest_serves_reduced_ones_by_a_margin(data, monkeypatch):
+    monkeypatch.setattr(_calibrate, "_MARGIN", 1.25)                # the module's fixture keeps both otherwise
+    store = build(data, "ivf")
+    hub = object()                                                  # never searched: the timings are given
+    both, alone, short, plain = (hub, True, 2, (0.97, 0.005)), (hub, False, 4, (0.962, 0.004)), \
+        (hub, True, 1, (0.93, 0.01)), (None, True, 12, (0.955, 0.001))
+    options = [both, alone, short, plain]
+
+    def chosen(*seconds: float):
+        given = iter(seconds)
+        monkeypatch.setattr(_calibrate, "_seconds", lambda fn: next(given))
+        return _calibrate._fastest(store, 0, torch.from_numpy(data.asked[:10]), 32, options, 0.95)
+
+    assert chosen(1.0, 0.9, 0.9) is both                       # reduced: 0.9 x 1.25 is slower than both
+    assert chosen(1.0, 0.7, 0.9) is alone                      # faster by more than the margin
+    assert chosen(1.0, 0.9, 0.7) is plain
+    assert chosen(1.0, 0.8, 0.8) is both                       # a tie (0.8 x 1.25 = 1.0): the first
+    assert _calibrate._fastest(store, 0, None, 32, [short], 0.95) is short        # none reaches: the nearest
+    nearer = (None, True, 64, (0.94, 0.001))
+    assert _calibrate._fastest(store, 0, None, 32, [short, nearer], 0.95) is nearer
 
 
 @pytest.mark.parametrize("backend", ["ivf", "hnsw"])

@@ -15,7 +15,7 @@ from kvmem.stores._hub import MIN_DEPTH, PROBES, SAMPLE_DEPTH, Hub, depth_for, k
 @pytest.fixture(autouse=True)
 def keep_hub(monkeypatch):
     """The stores here are about their hub: keep it whatever the timing (tests/test_asked.py tests the choice)."""
-    monkeypatch.setattr(_calibrate, "_HUB_MARGIN", math.inf)
+    monkeypatch.setattr(_calibrate, "_MARGIN", math.inf)
 
 
 def store_and_sample(metric: str, n: int = 3000, dim: int = 16, asked: int = 160, seed: int = 3):

@@ -52,7 +52,11 @@
   of the true neighbours of clustered sampled queries; a search's query scores
   the lists of the clusters nearest it and their best join the index's
   candidates, which is what lets an index built on keys reach queries unlike
-  them.
+  them. Calibration uses the hub only as far as it pays
+  (:mod:`kvmem.stores._calibrate`): the plain index may serve without it, or
+  the hub without the index (``Calibration.index`` False: a graph whose beam
+  finds next to nothing of these queries is not searched at the calibrated
+  knob; a knob given per call or by option searches it).
 - Persistence: the native index files, ``ann.<tag>.json`` (per-partition
   state and calibration) and ``asked.<tag>.safetensors`` (samples and hubs),
   all checksummed by :mod:`kvmem.persist`.
@@ -311,6 +315,13 @@ class AnnStore(Tuning, TableStore):
         cal = self._calibrations[partition]
         return cal.value if cal is not None else self._default_value(partition)
 
+    def _hub_alone(self, partition: int, params: Mapping[str, Any]) -> bool:
+        """Whether the partition's hub answers without its index: calibration found the index adds too
+        little for its cost, and no knob is given (a knob given per call or by option searches the index)."""
+        cal = self._calibrations[partition]
+        knob = params.get(self.param) is not None or self.options[self.param] is not None
+        return not knob and cal is not None and not cal.index and self._hubs[partition] is not None
+
     def _ranks(self, partition: int, params: Mapping[str, Any]) -> bool:
         """Whether the partition's index ranks this search (else it is searched exactly): it has one,
         and a knob is given (call or option) or its calibration reached the target."""
@@ -374,6 +385,7 @@ class AnnStore(Tuning, TableStore):
         counts = self._book.counts
         held = [p for p in range(P) if counts[p] and q]
         ranked = {p: self._value(p, params) for p in held if self._ranks(p, params)}
+        alone = {p for p in ranked if self._hub_alone(p, params)}
         exact = [p for p in held if p not in ranked]
         self._asked.record(queries)
         found = _Found(self, queries, k)
@@ -384,7 +396,7 @@ class AnnStore(Tuning, TableStore):
                 with torch_threads(self._caller_threads()):
                     found.exact = dict(zip(exact, self.exact_slots(queries[exact], exact, k)))
             q32 = queries.numpy()
-            spread(lambda lo, hi: found.fill(lo, hi, self._candidates(q32, queries, found, ranked, k, lo, hi)),
+            spread(lambda lo, hi: found.fill(lo, hi, self._candidates(q32, queries, found, ranked, alone, k, lo, hi)),
                    P * q, workers(self._caller_threads()))
         best = found.best.view(P, q, k)
         self._last.result = (best, found)
@@ -392,26 +404,53 @@ class AnnStore(Tuning, TableStore):
         return found.scores.view(P, q, k), best
 
     def _candidates(self, q32: np.ndarray, queries: torch.Tensor, found: _Found, ranked: Mapping[int, int],
-                    k: int, lo: int, hi: int) -> torch.Tensor:
+                    alone: set[int], k: int, lo: int, hi: int) -> torch.Tensor:
         """Candidate slots ``(hi - lo, c)`` (``-1`` pads) of the flat query rows ``[lo, hi)``: each ranked
-        partition's by its index, the others' from the exact search done before."""
+        partition's by its index and hub (``alone``: by its hub alone), the others' from the exact search
+        done before."""
         q = q32.shape[1]
         pieces = []
         for p in range(lo // q, (hi - 1) // q + 1):
             a, b = max(lo, p * q) - p * q, min(hi, (p + 1) * q) - p * q              # this partition's queries
-            labels = self._parts[p].search(q32[p, a:b], k, ranked[p]) if p in ranked else None
-            if labels is not None:
-                slots, hub = torch.from_numpy(self._book.slots_in(p, labels)), self._hubs[p]
-                pieces.append(slots if hub is None else merge(slots, hub.candidates(
-                    self, p, queries[p, a:b], k, probes=self._hub_probes(ranked[p]))))
-            elif p in ranked:                                     # the library could not answer: exact
-                pieces.append(self.exact_slots(queries[p:p + 1, a:b], [p], k)[0])
+            if p in ranked:
+                got = self._part_candidates(p, q32[p, a:b], queries[p, a:b], k, ranked[p], self._hubs[p],
+                                            p not in alone)
+                pieces.append(got if got is not None                # None: the library could not answer
+                              else self.exact_slots(queries[p:p + 1, a:b], [p], k)[0])
             else:                                                 # searched exactly before, or empty
                 pieces.append(found.exact[p][a:b] if p in found.exact else torch.full((b - a, k), -1))
         width = max(k, *(c.shape[1] for c in pieces))
         if len(pieces) == 1 and pieces[0].shape[1] == width:
             return pieces[0]
         return torch.cat([torch.nn.functional.pad(c, (0, width - c.shape[1]), value=-1) for c in pieces])
+
+    def _part_candidates(self, p: int, q32: np.ndarray, queries: torch.Tensor, k: int, value: int,
+                         hub: Hub | None, index: bool) -> torch.Tensor | None:
+        """Candidate slots ``(n, c)`` of ``queries (n, dim)`` in partition ``p``: the index's at knob ``value``
+        (unless not ``index``) joined by the hub's (with a hub); None when the library could not answer."""
+        labels = self._parts[p].search(q32, k, value) if index else np.empty((len(q32), 0), np.int64)
+        if labels is None:
+            return None
+        slots = torch.from_numpy(self._book.slots_in(p, labels))
+        return slots if hub is None else merge(slots, hub.candidates(self, p, queries, k,
+                                                                     probes=self._hub_probes(value)))
+
+    def _search_as(self, p: int, queries: torch.Tensor, k: int, hub: Hub | None, index: bool, value: int) -> bool:
+        """Search ``queries (n, dim)`` in partition ``p`` as a search would with this hub, index and knob (spans
+        over the caller's threads, exact rescoring, results dropped), for calibration to time; False when
+        the library could not answer."""
+        n, q32 = len(queries), queries.numpy()
+        flat = torch.zeros(self.partitions, n, queries.shape[1])
+        flat[p] = queries
+        found = _Found(self, flat, k)
+
+        def span(lo: int, hi: int) -> bool:
+            got = self._part_candidates(p, q32[lo:hi], queries[lo:hi], k, value, hub, index)
+            if got is not None:
+                found.fill(p * n + lo, p * n + hi, got)
+            return got is not None
+
+        return all(spread(span, n, workers(self._caller_threads())))
 
     def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         last, self._last.result = getattr(self._last, "result", None), None

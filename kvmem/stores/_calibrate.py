@@ -21,11 +21,14 @@ Neither faiss nor hnswlib offers this. For one partition:
 On asked queries the candidates include the hub's
 (:class:`~kvmem.stores._hub.Hub`), no sampled query handed the ids only it brought,
 and the calibration's exact neighbours become the partition's new hub. The
-hub is kept only where it pays: the plain index is calibrated on the same
-asked queries too, and where it reaches the target and searches them clearly
-faster (:data:`_HUB_MARGIN`, timed on one thread), it serves alone and the hub
-is dropped (at 100k attention keys the lists hold nearly every key; at 1M the
-hub needs a third of the keys plain IVF does). The record also carries the
+hub is used only as far as it pays: the plain index alone, and the hub's
+lists alone (the index not searched at all), are calibrated on the same asked
+queries too, and of those that reach the target the fastest serves (timed on
+one thread; either reduced form only when faster than both together by
+:data:`_MARGIN`). At 100k attention keys the lists hold nearly every key and
+plain ivf serves; where a graph built on keys cannot reach the queries, its
+beam costs more than it finds and the hub answers alone (``index=False`` in
+the record; a knob given per call or by option always searches the index). The record also carries the
 recall of stored keys used as queries at the chosen value (``key_recall``),
 beside the recall of the asked queries.
 
@@ -60,7 +63,7 @@ import torch
 
 from kvmem.errors import CorruptStoreError
 from kvmem.stores._hub import Hub, depth_for, merge
-from kvmem.stores._threads import cpus, spread, torch_threads
+from kvmem.stores._threads import cpus, spread
 from kvmem.topk import NEG_INF, exact_scores
 
 if TYPE_CHECKING:
@@ -68,10 +71,12 @@ if TYPE_CHECKING:
 
 __all__ = ["Calibration", "calibrate", "smallest_value", "K", "QUERIES"]
 
+_Option = tuple["Hub | None", bool, int, tuple[float, float]]   # hub, index, value, (recall, error)
+
 K = 32              # recall@K is what a calibration measures
 QUERIES = 512       # stored keys sampled as queries per calibration (standard error ~0.005 at recall 0.95)
 _TIE_RTOL = 1e-5
-_HUB_MARGIN = 1.25  # the hub is kept unless the plain index at its own knob is this much faster
+_MARGIN = 1.25      # the plain index, or the hub alone, serves only when this much faster than both together
 _PLATEAU = 0.1      # a doubling that adds less than this fraction of the misses and of the recall: a plateau
 
 
@@ -86,6 +91,7 @@ class Calibration:
     exact: bool = False  # the target is out of the index's reach: the partition is searched exactly
     queries: int = 0    # asked queries the recall rests on; 0: stored keys used as queries
     key_recall: float | None = None  # recall of stored keys used as queries at that value
+    index: bool = True  # the index's own candidates join the hub's; False: the hub's lists alone answer
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,16 +102,17 @@ class Calibration:
         if data is None:
             return None
         ints = ("value", "rows", "k", "queries")
-        if isinstance(data, dict):                  # saved before a field: exact=False, measured on keys
-            data = {"exact": False, "queries": 0, "key_recall": data.get("recall"), **data}
-        ok = (isinstance(data, dict) and set(data) == {*ints, "recall", "exact", "key_recall"}
+        if isinstance(data, dict):                  # saved before a field: exact=False, measured on keys, index
+            data = {"exact": False, "queries": 0, "key_recall": data.get("recall"), "index": True, **data}
+        ok = (isinstance(data, dict) and set(data) == {*ints, "recall", "exact", "key_recall", "index"}
               and all(isinstance(data[n], int) and not isinstance(data[n], bool) and data[n] >= 0 for n in ints)
               and _fraction(data["recall"]) and (data["key_recall"] is None or _fraction(data["key_recall"]))
-              and isinstance(data["exact"], bool) and value_range[0] <= data["value"] <= value_range[1])
+              and isinstance(data["exact"], bool) and isinstance(data["index"], bool)
+              and value_range[0] <= data["value"] <= value_range[1])
         if not ok:
             raise CorruptStoreError(f"index state: calibration is malformed or out of range {value_range}: {data!r}")
         return cls(data["value"], float(data["recall"]), data["rows"], data["k"], data["exact"], data["queries"],
-                   None if data["key_recall"] is None else float(data["key_recall"]))
+                   None if data["key_recall"] is None else float(data["key_recall"]), data["index"])
 
 
 def _fraction(x: Any) -> bool:
@@ -161,7 +168,7 @@ class _Recall:
     """``recall_at(value)`` of one partition's index for a set of queries, against their exact top-k."""
 
     def __init__(self, store: AnnStore, p: int, queries: torch.Tensor, k: int, own: torch.Tensor | None,
-                 hub: Hub | None, leave_out: bool, truth: torch.Tensor | None = None) -> None:
+                 hub: Hub | None, leave_out: bool, truth: torch.Tensor | None = None, alone: bool = False) -> None:
         self.store, self.p, self.queries, self.k, self.own = store, p, queries, k, own
         if truth is None:                                                                # (S, k[+1]), best first
             truth = store.exact_slots(queries[None], [p], k + (own is not None))[0]
@@ -169,15 +176,18 @@ class _Recall:
         true_scores = _scores(store, p, queries, self.truth, own)
         kth = true_scores.sort(-1, descending=True).values[:, k - 1]                    # (S,) k-th best
         self.floor = kth - _TIE_RTOL * (1 + kth.abs())
-        self.hub, self.leave_out, self._handed = hub, leave_out, {}                     # probes -> (S, r*k)
+        self.hub, self.leave_out, self.alone, self._handed = hub, leave_out, alone, {}  # probes -> (S, r*k)
 
     def __call__(self, value: int) -> tuple[float, float]:
         store, p, q32, k = self.store, self.p, self.queries.numpy(), self.k
         width = k + (self.own is not None)
-        spans = spread(lambda lo, hi: store._parts[p].search(q32[lo:hi], width, value), len(q32), cpus())
-        if any(f is None for f in spans):
-            return 0.0, 0.0
-        got = torch.from_numpy(store._book.slots_in(p, np.concatenate(spans)))        # (S, c)
+        if self.alone:                                                                  # the hub's lists alone
+            got = torch.empty(len(q32), 0, dtype=torch.long)
+        else:
+            spans = spread(lambda lo, hi: store._parts[p].search(q32[lo:hi], width, value), len(q32), cpus())
+            if any(f is None for f in spans):
+                return 0.0, 0.0
+            got = torch.from_numpy(store._book.slots_in(p, np.concatenate(spans)))    # (S, c)
         if self.hub is not None:
             probes = store._hub_probes(value)
             if probes not in self._handed:
@@ -199,52 +209,47 @@ def calibrate(store: AnnStore, partition: int, target: float, low: int, high: in
     rng = np.random.default_rng([p, count])
     slots = torch.from_numpy(np.sort(rng.choice(count, min(QUERIES, count), replace=False)))       # (S,)
     keys = store._table.data["keys"][p, slots].float()                                             # (S, dim)
-    hub = None
+    hub, index, high = None, True, max(low, high)
     if asked is None:
-        measure = _Recall(store, p, keys, min(K, count - 1), slots[:, None], None, False)
+        k = min(K, count - 1)
+        value, measured = smallest_value(_Recall(store, p, keys, k, slots[:, None], None, False), low, high, target)
     else:
         k = min(K, count)
         truth = store.exact_slots(asked[None], [p], max(k, depth_for(count, len(asked))))[0]      # (S, depth), -1 pads
         truth_ids = store._table.data["ids"][p][truth.clamp(min=0)].masked_fill(truth < 0, -1)
         hub = Hub(store, p, asked, truth_ids, seed=count)
-        measure = _Recall(store, p, asked, k, None, hub, leave_out=True, truth=truth)
-    value, measured = smallest_value(measure, low, max(low, high), target)
-    if hub is not None and reaches(measured, target):
-        plain = _Recall(store, p, asked, k, None, None, False, truth=truth)
-        plain_value, plain_measured = smallest_value(plain, low, max(low, high), target)
-        if reaches(plain_measured, target) and not _hub_pays(store, p, asked, k, hub, value, plain_value):
-            hub, value, measured = None, plain_value, plain_measured
+        options = [(hub, index, *smallest_value(_Recall(store, p, asked, k, None, hub, True, truth, alone=not index),
+                                                low, high, target)) for index in (True, False)]
+        plain = _Recall(store, p, asked, k, None, None, False, truth)
+        options.append((None, True, *smallest_value(plain, low, high, target)))
+        hub, index, value, measured = _fastest(store, p, asked, k, options, target)
     key_recall = measured[0]
     if asked is not None and count >= 2:
-        key_recall = _Recall(store, p, keys, min(K, count - 1), slots[:, None], hub, False)(value)[0]
-    cal = Calibration(value=value, recall=measured[0], rows=count, k=measure.k, exact=not reaches(measured, target),
-                      queries=0 if asked is None else len(asked), key_recall=key_recall)
+        key_recall = _Recall(store, p, keys, min(K, count - 1), slots[:, None], hub, False, alone=not index)(value)[0]
+    cal = Calibration(value=value, recall=measured[0], rows=count, k=k, exact=not reaches(measured, target),
+                      queries=0 if asked is None else len(asked), key_recall=key_recall, index=index)
     return cal, hub
 
 
-def _hub_pays(store: AnnStore, p: int, asked: torch.Tensor, k: int, hub: Hub, value: int, plain_value: int) -> bool:
-    """Whether searching ``asked`` with the hub at ``value`` is not clearly slower (by :data:`_HUB_MARGIN`)
-    than the plain index at ``plain_value``, each with its rescoring; best of three timings, one thread.
-    Where the plain index reaches the target cheaply, the hub's lists cost more than they save: on 100k
-    attention keys they hold nearly every key, and plain ivf at nprobe 16 searched 2.5x faster
-    (``benchmarks/RESULTS.md``, issue 13)."""
-    q32, probes = asked.numpy(), store._hub_probes(value)
-    answered = True
+def _fastest(store: AnnStore, p: int, asked: torch.Tensor, k: int, options: list[_Option],
+             target: float) -> _Option:
+    """Of the ``(hub, index, value, measured)`` that reach ``target``, the one that searches ``asked`` fastest
+    as a search would (:meth:`AnnStore._search_as`: over the caller's threads, with its rescoring; best of
+    three timings). The first, the hub with the index's
+    candidates, is the reference: one without the hub (``hub`` None) or without the index (``index`` False)
+    serves only when faster by :data:`_MARGIN`. None reaching it: the one that came nearest."""
+    reached = [option for option in options if reaches(option[3], target)]
+    if len(reached) < 2:
+        return reached[0] if reached else max(options, key=lambda option: option[3][0])
 
-    def search(at: int, lists: bool) -> None:
-        nonlocal answered
-        labels = store._parts[p].search(q32, k, at)
-        if labels is None:                                    # the library could not answer: keep the hub
-            answered = False
-            return
-        got = torch.from_numpy(store._book.slots_in(p, labels))
-        if lists:
-            got = merge(got, hub.candidates(store, p, asked, k, probes=probes))
-        _scores(store, p, asked, got, None).topk(k, -1)
+    def cost(option: _Option) -> float:
+        hub, index, value, _ = option
+        answered: list[bool] = []
+        seconds = _seconds(lambda: answered.append(store._search_as(p, asked, k, hub, index, value)))
+        return seconds * (1.0 if hub is not None and index else _MARGIN) if all(answered) else float("inf")
 
-    with torch_threads(1):
-        pays = _seconds(lambda: search(value, True)) <= _HUB_MARGIN * _seconds(lambda: search(plain_value, False))
-    return pays or not answered
+    costs = [cost(option) for option in reached]
+    return reached[int(np.argmin(costs))]                     # ties: the first
 
 
 def _seconds(fn: Callable[[], None], repeats: int = 3) -> float:

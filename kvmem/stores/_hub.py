@@ -35,9 +35,10 @@ scores its keys against the ``S`` sampled queries and re-concatenates every
 list it touches. The key copy is at most
 ``S * depth`` rows (``S`` the sampled queries; 1M attention keys of dim 32 and
 1,000 asked queries: 234k rows, 35 MB), counted in ``store.nbytes()``, and is
-rebuilt at each calibration, which keeps the hub only where it pays
+rebuilt at each calibration, which uses the hub only as far as it pays
 (:mod:`kvmem.stores._calibrate`): on a small partition the lists hold nearly
-every key, and the plain index at a larger knob is faster.
+every key, and the plain index at a larger knob is faster; where the index
+finds next to nothing of the queries, the lists answer alone.
 """
 
 from __future__ import annotations
