@@ -109,6 +109,7 @@ def _kvmem_rows(backend: str, data: Dataset, truth, queries: torch.Tensor, confi
     secs, res = _timed(lambda: store.search(queries, config.k).ids.numpy(), config.repeats)
     rows = [row({}, secs, res, defaults=True, build_s=build_s, **{knob: cal.value if cal else None},
                 reported=cal.recall if cal else None, key_recall=cal.key_recall if cal else None,
+                index=cal.index if cal else None,
                 asked_queries=cal.queries if cal else 0, searched_exactly=bool(cal and cal.exact), **size)]
     for value in SWEEP[knob]:
         secs, res = _timed(lambda v=value: store.search(queries, config.k, **{knob: v}).ids.numpy(), config.repeats)
@@ -172,9 +173,9 @@ def run(config: AskedConfig, *, verbose: bool = True) -> list[dict[str, Any]]:
         exact_secs.append(_timed(lambda: exact.search(queries, config.k), config.repeats)[0])
     exact.close()
     exact_qps = len(queries) / float(np.median(exact_secs))      # exact timed before and after each backend
+    rows[0]["qps"] = exact_qps
     for r in rows:
         r["qps_vs_exact"] = r["qps"] / exact_qps
-    rows[0]["qps"] = exact_qps
     meta = {"dataset": data.name, "n": data.size, "dim": data.dim, "k": config.k, "held_out": len(queries),
             "asked": len(data.asked), "query_sample": config.query_sample}
     config.out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +194,8 @@ def render(rows: Sequence[dict[str, Any]], meta: dict[str, Any] | None = None) -
     for r in rows:
         params = r["params"] or ", ".join(["defaults"] + [f"{k} {r[k]}" for k in ("nprobe", "ef") if k in r])
         if r.get("hub_rows"):
-            params += f" (hub: {r['hub_rows']:,} rows, {r['hub_mb']:.0f} MB)"
+            alone = ", its lists alone" if r.get("index") is False else ""
+            params += f" (hub: {r['hub_rows']:,} rows, {r['hub_mb']:.0f} MB{alone})"
         elif "hub_rows" in r:
             params += " (no hub: the plain index reached the target faster)"
         fmt = lambda x: "–" if x is None else f"{x:.3f}"                                          # noqa: E731

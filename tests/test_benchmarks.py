@@ -78,6 +78,9 @@ def test_asked_small_takes_the_asked_held_out_and_sample_it_is_given(tmp_path, m
     assert {r["backend"] for r in rows} == {"exact", "ivf", "ivf-plain", "faiss-ivf"}
     assert all(0 < r["scored"] <= 1 for r in rows if "scored" in r) and all(r["qps"] > 0 for r in rows)
     assert "(query_sample 128), 40 held out" in asked.render(rows, kept["meta"])
+    assert rows[0]["backend"] == "exact" and rows[0]["qps_vs_exact"] == 1.0       # exact's median, every row
+    assert all(r["qps_vs_exact"] == r["qps"] / rows[0]["qps"] for r in rows)
+    assert isinstance(learned[0]["index"], bool) and learned[0]["hub_rows"] >= 0
 
 
 @pytest.mark.parametrize("bad", [{"asked": 0}, {"held_out": -5}, {"asked": 2.5}, {"held_out": True}])

@@ -23,14 +23,14 @@ On asked queries the candidates include the hub's
 and the calibration's exact neighbours become the partition's new hub. The
 hub is used only as far as it pays: the plain index alone, and the hub's
 lists alone (the index not searched at all), are calibrated on the same asked
-queries too, and of those that reach the target the fastest serves (timed on
-one thread; either reduced form only when faster than both together by
+queries too, and of those that reach the target the fastest serves (timed as
+a search runs it; either reduced form only when faster than both together by
 :data:`_MARGIN`). At 100k attention keys the lists hold nearly every key and
 plain ivf serves; where a graph built on keys cannot reach the queries, its
 beam costs more than it finds and the hub answers alone (``index=False`` in
-the record; a knob given per call or by option always searches the index). The record also carries the
-recall of stored keys used as queries at the chosen value (``key_recall``),
-beside the recall of the asked queries.
+the record; a knob given per call or by option always searches the index).
+The record also carries the recall of stored keys used as queries at the
+chosen value (``key_recall``), beside the recall of the asked queries.
 
 Recall counts a returned row as a hit when its exact score is within a
 relative 1e-5 of the true k-th score (ties are not misses), as ann-benchmarks
@@ -218,10 +218,11 @@ def calibrate(store: AnnStore, partition: int, target: float, low: int, high: in
         truth = store.exact_slots(asked[None], [p], max(k, depth_for(count, len(asked))))[0]      # (S, depth), -1 pads
         truth_ids = store._table.data["ids"][p][truth.clamp(min=0)].masked_fill(truth < 0, -1)
         hub = Hub(store, p, asked, truth_ids, seed=count)
-        options = [(hub, index, *smallest_value(_Recall(store, p, asked, k, None, hub, True, truth, alone=not index),
-                                                low, high, target)) for index in (True, False)]
-        plain = _Recall(store, p, asked, k, None, None, False, truth)
-        options.append((None, True, *smallest_value(plain, low, high, target)))
+        options: list[_Option] = []                           # the hub with the index, the hub alone, the index
+        for with_hub, with_index in ((True, True), (True, False), (False, True)):
+            recall = _Recall(store, p, asked, k, None, hub if with_hub else None, leave_out=with_hub, truth=truth,
+                             alone=not with_index)
+            options.append((hub if with_hub else None, with_index, *smallest_value(recall, low, high, target)))
         hub, index, value, measured = _fastest(store, p, asked, k, options, target)
     key_recall = measured[0]
     if asked is not None and count >= 2:
@@ -235,9 +236,10 @@ def _fastest(store: AnnStore, p: int, asked: torch.Tensor, k: int, options: list
              target: float) -> _Option:
     """Of the ``(hub, index, value, measured)`` that reach ``target``, the one that searches ``asked`` fastest
     as a search would (:meth:`AnnStore._search_as`: over the caller's threads, with its rescoring; best of
-    three timings). The first, the hub with the index's
-    candidates, is the reference: one without the hub (``hub`` None) or without the index (``index`` False)
-    serves only when faster by :data:`_MARGIN`. None reaching it: the one that came nearest."""
+    three timings; timed on one thread, the hub's Python loop per list looked cheaper than it is on two).
+    The first, the hub with the index's candidates, is the reference: one without the hub (``hub`` None) or
+    without the index (``index`` False) serves only when faster by :data:`_MARGIN`. None reaching it: the
+    one that came nearest."""
     reached = [option for option in options if reaches(option[3], target)]
     if len(reached) < 2:
         return reached[0] if reached else max(options, key=lambda option: option[3][0])
