@@ -13,6 +13,7 @@ from kvmem.benchmarks.recall import ground_truth
 
 import kvmem
 from kvmem.stores import _calibrate
+from kvmem.stores._ann import _Found
 from kvmem.stores._asked import AskedQueries
 from kvmem.stores._calibrate import smallest_value
 from kvmem.stores._hub import Hub
@@ -262,6 +263,20 @@ def test_save_and_load_keep_every_partitions_sample_and_hub(backend, tmp_path):
         queries = torch.from_numpy(small.queries).view(2, -1, small.dim)
         loaded.freeze(), store.freeze()
         assert torch.equal(loaded.search(queries, 10).ids, store.search(queries, 10).ids)
+
+
+def test_a_calibration_search_of_one_partition_reads_that_partitions_rows():
+    small = ood(2000, 16, queries=40, asked=40, seed=9)
+    store = kvmem.create("ivf", dim=small.dim, value_dim=1, partitions=2, dtype=torch.float32, train_size=1000,
+                         nlist=16, query_sample=0)
+    halves = torch.from_numpy(small.base).view(2, -1, small.dim)
+    store.add(halves, torch.arange(2000, dtype=torch.float32).view(2, -1, 1))
+    queries = torch.from_numpy(small.queries)
+    found = _Found(store, queries[None], 10, first=1)                  # partition 1's queries alone
+    found.fill(0, len(queries), store.exact_slots(queries[None], [1], 10)[0])
+    want = store.search(torch.stack([queries, queries]), 10, nprobe=16)  # every list: exact here
+    assert torch.equal(found.ids, want.ids[1]) and torch.equal(found.values, want.values[1])
+    assert store._search_as(1, queries, 10, None, True, 4) and store._search_as(0, queries, 10, None, True, 1)
 
 
 def test_corrupt_samples_are_refused_in_a_child(data, tmp_path):

@@ -167,11 +167,12 @@ class _Found:
     A span's candidates are gathered straight into the returned keys when there are ``k`` of them,
     scored exactly, and only the rows whose index order disagrees with the exact scores (near-ties)
     are reordered; of more than ``k`` candidates (ivf's ``refine``) the best ``k`` are kept.
+    ``queries (P', q, dim)`` are those of partitions ``first .. first + P'`` (a search: all of them).
     """
 
-    def __init__(self, store: AnnStore, queries: torch.Tensor, k: int) -> None:
+    def __init__(self, store: AnnStore, queries: torch.Tensor, k: int, first: int = 0) -> None:
         P, q, dim = queries.shape
-        self.table, self.metric, self.q, self.k = store._table, store.metric, q, k
+        self.table, self.metric, self.q, self.k, self.first = store._table, store.metric, q, k, first
         self.queries = queries.reshape(P * q, dim)
         keys, values = self.table.data["keys"], self.table.data["values"]
         self.slots_per_part = keys.shape[1]
@@ -195,7 +196,7 @@ class _Found:
         """Results of flat query rows ``[lo, hi)`` from their candidate slots ``(hi - lo, c)``, c >= k."""
         n, c = slots.shape
         k, dim = self.k, self.keys.shape[-1]
-        where = self.table.flat_rows(slots, torch.arange(lo, hi) // self.q)            # rows of the flat columns
+        where = self.table.flat_rows(slots, self.first + torch.arange(lo, hi) // self.q)   # rows of the flat columns
         got = self.keys[lo:hi] if c == k else torch.empty(n, c, dim, dtype=self.keys.dtype)
         torch.index_select(self.table.flat("keys"), 0, where.view(-1), out=got.view(-1, dim))
         scores = exact_scores(self.queries[None, lo:hi], got[None], self.metric)[0].masked_fill_(slots < 0, NEG_INF)
@@ -439,18 +440,15 @@ class AnnStore(Tuning, TableStore):
         """Search ``queries (n, dim)`` in partition ``p`` as a search would with this hub, index and knob (spans
         over the caller's threads, exact rescoring, results dropped), for calibration to time; False when
         the library could not answer."""
-        n, q32 = len(queries), queries.numpy()
-        flat = torch.zeros(self.partitions, n, queries.shape[1])
-        flat[p] = queries
-        found = _Found(self, flat, k)
+        q32, found = queries.numpy(), _Found(self, queries[None], k, first=p)     # this partition's rows alone
 
         def span(lo: int, hi: int) -> bool:
             got = self._part_candidates(p, q32[lo:hi], queries[lo:hi], k, value, hub, index)
             if got is not None:
-                found.fill(p * n + lo, p * n + hi, got)
+                found.fill(lo, hi, got)
             return got is not None
 
-        return all(spread(span, n, workers(self._caller_threads())))
+        return all(spread(span, len(queries), workers(self._caller_threads())))
 
     def _rows(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         last, self._last.result = getattr(self._last, "result", None), None
