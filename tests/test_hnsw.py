@@ -204,14 +204,18 @@ def test_calibration_records_round_trip_and_malformed_ones_are_refused():
     from kvmem.stores._calibrate import Calibration
 
     edges = (Calibration(64, 1.0, 5000, 32, key_recall=0.0), Calibration(256, 0, 10, 8, queries=300, key_recall=1))
-    for cal in (Calibration(96, 0.97, 5000, 32), Calibration(256, 0.9, 5000, 32, exact=True), *edges):
+    for cal in (Calibration(96, 0.97, 5000, 32), Calibration(256, 0.9, 5000, 32, exact=True), *edges,
+                Calibration(64, 0.96, 5000, 32, queries=1000, key_recall=0.3, index=False)):
         assert Calibration.from_dict(cal.to_dict(), (64, 256)) == cal        # both ends of each range are valid
     good = Calibration(96, 0.97, 5000, 32).to_dict()
     older = {k: v for k, v in good.items() if k != "exact"}                 # a store saved before the flag
     assert Calibration.from_dict(older, (64, 256)) == Calibration(96, 0.97, 5000, 32, exact=False)
+    before_index = {k: v for k, v in good.items() if k != "index"}          # saved before the hub could answer alone
+    assert Calibration.from_dict(before_index, (64, 256)).index is True
     for bad in ({**good, "exact": 1}, {k: v for k, v in good.items() if k != "rows"}, {**good, "value": 512},
                 {**good, "value": 63}, {**good, "recall": 1.5}, {**good, "recall": -0.1}, {**good, "recall": True},
-                {**good, "recall": "0.9"}, {**good, "key_recall": 2.0}, {**good, "queries": -1}):
+                {**good, "recall": "0.9"}, {**good, "key_recall": 2.0}, {**good, "queries": -1},
+                {**good, "index": 0}, {**good, "index": "no"}, {**good, "index": None}):
         with pytest.raises(kvmem.CorruptStoreError, match="calibration is malformed"):
             Calibration.from_dict(bad, (64, 256))
 

@@ -320,8 +320,11 @@ class AnnStore(Tuning, TableStore):
         """Whether the partition's hub answers without its index: calibration found the index adds too
         little for its cost, and no knob is given (a knob given per call or by option searches the index)."""
         cal = self._calibrations[partition]
-        knob = params.get(self.param) is not None or self.options[self.param] is not None
-        return not knob and cal is not None and not cal.index and self._hubs[partition] is not None
+        return not self._knob_given(params) and cal is not None and not cal.index and self._hubs[partition] is not None
+
+    def _knob_given(self, params: Mapping[str, Any]) -> bool:
+        """Whether this call or the store's options fix the knob (else calibration chooses it)."""
+        return params.get(self.param) is not None or self.options[self.param] is not None
 
     def _ranks(self, partition: int, params: Mapping[str, Any]) -> bool:
         """Whether the partition's index ranks this search (else it is searched exactly): it has one,
@@ -329,8 +332,7 @@ class AnnStore(Tuning, TableStore):
         if not self._parts[partition].indexed:
             return False
         cal = self._calibrations[partition]
-        knob = params.get(self.param) is not None or self.options[self.param] is not None
-        return knob or cal is None or not cal.exact
+        return self._knob_given(params) or cal is None or not cal.exact
 
     # ------------------------------------------------------------------ TableStore index hooks
     def _index_add(self, ids: np.ndarray, keys: torch.Tensor, evicted: list[np.ndarray]) -> None:

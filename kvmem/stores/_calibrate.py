@@ -168,7 +168,8 @@ class _Recall:
     """``recall_at(value)`` of one partition's index for a set of queries, against their exact top-k."""
 
     def __init__(self, store: AnnStore, p: int, queries: torch.Tensor, k: int, own: torch.Tensor | None,
-                 hub: Hub | None, leave_out: bool, truth: torch.Tensor | None = None, alone: bool = False) -> None:
+                 hub: Hub | None, leave_out: bool, truth: torch.Tensor | None = None, alone: bool = False,
+                 handed: dict[int, torch.Tensor] | None = None) -> None:
         self.store, self.p, self.queries, self.k, self.own = store, p, queries, k, own
         if truth is None:                                                                # (S, k[+1]), best first
             truth = store.exact_slots(queries[None], [p], k + (own is not None))[0]
@@ -176,7 +177,8 @@ class _Recall:
         true_scores = _scores(store, p, queries, self.truth, own)
         kth = true_scores.sort(-1, descending=True).values[:, k - 1]                    # (S,) k-th best
         self.floor = kth - _TIE_RTOL * (1 + kth.abs())
-        self.hub, self.leave_out, self.alone, self._handed = hub, leave_out, alone, {}  # probes -> (S, r*k)
+        self.hub, self.leave_out, self.alone = hub, leave_out, alone
+        self._handed = {} if handed is None else handed       # probes -> the hub's (S, r*k), shareable
 
     def __call__(self, value: int) -> tuple[float, float]:
         store, p, q32, k = self.store, self.p, self.queries.numpy(), self.k
@@ -219,9 +221,10 @@ def calibrate(store: AnnStore, partition: int, target: float, low: int, high: in
         truth_ids = store._table.data["ids"][p][truth.clamp(min=0)].masked_fill(truth < 0, -1)
         hub = Hub(store, p, asked, truth_ids, seed=count)
         options: list[_Option] = []                           # the hub with the index, the hub alone, the index
+        handed: dict[int, torch.Tensor] = {}                  # the hub's candidates, found once per probe count
         for with_hub, with_index in ((True, True), (True, False), (False, True)):
             recall = _Recall(store, p, asked, k, None, hub if with_hub else None, leave_out=with_hub, truth=truth,
-                             alone=not with_index)
+                             alone=not with_index, handed=handed)
             options.append((hub if with_hub else None, with_index, *smallest_value(recall, low, high, target)))
         hub, index, value, measured = _fastest(store, p, asked, k, options, target)
     key_recall = measured[0]
