@@ -37,6 +37,7 @@ cos     q/|q|               k/|k|                cos(q, k)
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
@@ -47,7 +48,15 @@ import torch
 from kvmem import devices
 from kvmem.stores._threads import spread, torch_threads
 
-__all__ = ["KeySource", "RunningTopK", "blocked_search", "exact_scores", "fast_rank_dtype", "rank_dtype_for"]
+try:                                    # the fused selection (kvmem/_select.c); absent where no C compiler was found
+    from kvmem import _select as _native
+except ImportError:                     # pragma: no cover - a build without the extension
+    _native = None
+if os.environ.get("KVMEM_NATIVE", "") == "0":   # the torch ops path, for comparison
+    _native = None
+
+__all__ = ["HeapTopK", "KeySource", "RunningTopK", "blocked_search", "exact_scores", "fast_rank_dtype",
+           "fused_selection", "rank_dtype_for"]
 
 NEG_INF = float("-inf")
 _GROUP = 16          # columns per group in the group-max prefilter
@@ -59,6 +68,7 @@ _U_F32 = 2.0 ** -24
 _UNIT = {torch.bfloat16: _U_BF16, torch.float32: _U_F32}
 _SMALL_Q = 8         # fewer queries than this: a memory-bound matvec, one BLAS thread is enough
 _SPAN_ROWS = 64      # query rows per span of a search split across threads, at least
+_FUSED_ELEMS = 1 << 18   # a score block the fused selection reads while it is in cache (1 MiB: a core's L2)
 
 
 class _Limits(NamedTuple):
@@ -185,9 +195,39 @@ class RunningTopK:
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores, columns)`` sorted best first; ``-1`` where fewer than k were seen."""
-        values, order = self.values.sort(1, descending=True)
-        columns = self.columns.gather(1, order)
-        return values, columns.masked_fill(values == NEG_INF, -1)
+        return _best_first(self.values, self.columns)
+
+
+class HeapTopK:
+    """:class:`RunningTopK`'s contract on the fused selection's per-row heaps (``kvmem/_select.c``).
+
+    CPU float32 blocks only. ``limits (R,)``: row r ignores columns from ``limits[r]`` on (a partition
+    holding fewer rows than a block reaches), so no block is masked first. Blocks should be small
+    enough to still be in cache when pushed (:data:`_FUSED_ELEMS`): the selection is one read of them.
+    """
+
+    def __init__(self, rows: int, k: int, limits: np.ndarray | None = None) -> None:
+        self.k = k
+        self._values = np.full((rows, k), NEG_INF, dtype=np.float32)
+        self._columns = np.full((rows, k), -1, dtype=np.int64)
+        self._limits = limits
+
+    def push(self, scores: torch.Tensor, first: int) -> None:
+        _native.push(scores.numpy(), first, self._limits, self._values, self._columns)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _best_first(torch.from_numpy(self._values), torch.from_numpy(self._columns))
+
+
+def _best_first(values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, order = values.sort(1, descending=True)
+    columns = columns.gather(1, order)
+    return values, columns.masked_fill(values == NEG_INF, -1)
+
+
+def fused_selection() -> bool:
+    """Whether exact CPU float32 searches select with the compiled kernel (False: torch ops, slower)."""
+    return _native is not None
 
 
 def exact_scores(queries: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
@@ -408,16 +448,19 @@ def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
     keep = k + _MARGIN[work]
     converts = not (metric == "ip" and source.dtype == work)
     rows = _block_rows(P, q, d + 1, budget, int(counts.max()), converts, max_rows)
-    score = _BlockScorer(queries, metric, work, rows)
-    running = RunningTopK(P * q, keep, source.device, torch.float64 if work == torch.float64 else torch.float32)
-    held = devices.from_host(counts, source.device)[:, None, None]                    # (P, 1, 1)
-    for first, keys, sqnorm in source.blocks(rows):
-        block = score(keys, sqnorm)                                                    # (P, q, b)
-        b = block.shape[-1]
-        if bool((counts < first + b).any()):
-            block.masked_fill_(torch.arange(first, first + b, device=source.device) >= held, NEG_INF)
-        running.push(block.view(P * q, b), first)
-    approx, cand = running.result()                                                    # (P*q, keep)
+    if _native is not None and work == torch.float32 and not devices.cuda_like(source.device):
+        score, approx, cand = _fused_scan(source, queries, metric, keep, rows)
+    else:
+        score = _BlockScorer(queries, metric, work, rows)
+        running = RunningTopK(P * q, keep, source.device, torch.float64 if work == torch.float64 else torch.float32)
+        held = devices.from_host(counts, source.device)[:, None, None]                # (P, 1, 1)
+        for first, keys, sqnorm in source.blocks(rows):
+            block = score(keys, sqnorm)                                                # (P, q, b)
+            b = block.shape[-1]
+            if bool((counts < first + b).any()):
+                block.masked_fill_(torch.arange(first, first + b, device=source.device) >= held, NEG_INF)
+            running.push(block.view(P * q, b), first)
+        approx, cand = running.result()                                                # (P*q, keep)
     cand = cand.view(P, q, keep)
     exact = exact_scores(queries, source.gather(cand), metric).masked_fill(cand < 0, NEG_INF)
     best, pick = exact.topk(k, -1)                                                     # (P, q, k)
@@ -429,6 +472,22 @@ def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
         if bool(failed.any()):
             _redo(source, queries, k, metric, budget, max_rows, failed, best, best_slots, finer)
     return best, best_slots
+
+
+def _fused_scan(source: KeySource, queries: torch.Tensor, metric: str, keep: int,
+                rows: int) -> tuple[_BlockScorer, torch.Tensor, torch.Tensor]:
+    """The CPU float32 ranking with the fused selection: each block of ``rows`` keys is scored in steps
+    whose scores fit in cache, and each step goes to the heaps before the next is scored."""
+    P, q, _ = queries.shape
+    step = max(256, min(rows, _FUSED_ELEMS // (P * q)))
+    score = _BlockScorer(queries, metric, torch.float32, step)
+    running = HeapTopK(P * q, keep, np.repeat(source.counts().astype(np.int64), q))
+    for first, keys, sqnorm in source.blocks(rows):
+        for a in range(0, keys.shape[1], step):
+            block = score(keys[:, a:a + step], sqnorm[:, a:a + step])                  # (P, q, <= step)
+            running.push(block.view(P * q, -1), first + a)
+    approx, cand = running.result()
+    return score, approx, cand
 
 
 def _certified(queries: torch.Tensor, qrows: torch.Tensor, approx: torch.Tensor, best: torch.Tensor,

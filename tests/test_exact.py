@@ -110,6 +110,16 @@ def _resolvable(model, queries, k=K):
     return float(((best[..., k - 1] - best[..., k]) > 2 * tol).mean())
 
 
+@pytest.fixture(params=["fused", "torch"])
+def selection(request, monkeypatch):
+    """Both CPU float32 selections: the compiled heaps (``kvmem/_select.c``) and the torch ops fallback."""
+    if request.param == "fused" and not topk.fused_selection():
+        pytest.skip("kvmem was built without its C extension")
+    if request.param == "torch":
+        monkeypatch.setattr(topk, "_native", None)
+    return request.param
+
+
 @pytest.fixture
 def finer_searches(monkeypatch):
     """Counts the queries each working dtype searched again: ``{torch.float32: n, torch.float64: n}``."""
@@ -127,7 +137,7 @@ def finer_searches(monkeypatch):
 @pytest.mark.parametrize("ranking", ["fp32", "bf16"])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("kind", list(DATA))
-def test_hard_data_gets_the_exact_top_k(kind, metric, ranking, finer_searches):
+def test_hard_data_gets_the_exact_top_k(kind, metric, ranking, finer_searches, selection):
     keys, queries = DATA[kind](metric)
     store, model = _filled(keys, metric, ranking)
     if kind != "duplicates":
@@ -150,7 +160,8 @@ def test_rounded_storage_is_exact_over_the_rounded_keys(metric, dtype):
 
 @pytest.mark.parametrize("ranking", ["fp32", "bf16"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_every_query_sent_to_the_fallback_comes_back_exact(monkeypatch, metric, ranking, finer_searches):
+def test_every_query_sent_to_the_fallback_comes_back_exact(monkeypatch, metric, ranking, finer_searches,
+                                                           selection):
     """The fallback alone: no query certified, so every answer is the finer search's."""
     keys, queries = shared_offset(metric, seed=5)
     store, model = _filled(keys, metric, ranking, block_elems=4096)
@@ -162,7 +173,7 @@ def test_every_query_sent_to_the_fallback_comes_back_exact(monkeypatch, metric, 
 
 @pytest.mark.parametrize("ranking", ["fp32", "bf16"])
 @pytest.mark.parametrize("metric", METRICS)
-def test_many_blocks_and_uneven_partitions(ranking, metric):
+def test_many_blocks_and_uneven_partitions(ranking, metric, selection):
     gen = _gen(0)
     keys = torch.randn(3, 3000, 16, generator=gen)
     store, model = _filled(keys, metric, ranking, block_elems=4096)
@@ -178,7 +189,7 @@ def test_many_blocks_and_uneven_partitions(ranking, metric):
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("kind", list(DATA))
-def test_a_search_split_in_spans_returns_what_one_span_returns(kind, metric, monkeypatch):
+def test_a_search_split_in_spans_returns_what_one_span_returns(kind, metric, monkeypatch, selection):
     """Spans over the queries (each on its own thread, BLAS on one) give the one-span answer, second
     passes included (certificate failures forced on half the queries), and leave BLAS as it was."""
     from threadpoolctl import threadpool_info
