@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvmem import devices
+
 __all__ = ["RowTable"]
 
 
@@ -99,6 +101,8 @@ class RowTable:
         out = self.flat(name).index_select(0, index.reshape(-1))                       # flat[index]: 6x slower
         out = out.reshape(*slots.shape, *col.shape[2:])
         missing = (slots < 0).to(self.device).view(*slots.shape, *([1] * (col.dim() - 2)))
+        if not devices.cuda_like(self.device) and not bool(missing.any()):
+            return out                  # on the CPU asking costs less than filling (4M keys: 0.3 against 5 ms)
         return out.masked_fill_(missing, 0)                                            # no host sync
 
     def rows(self, name: str, partition: int, count: int) -> torch.Tensor:
