@@ -37,7 +37,6 @@ cos     q/|q|               k/|k|                cos(q, k)
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol
@@ -45,17 +44,11 @@ from typing import NamedTuple, Protocol
 import numpy as np
 import torch
 
-from kvmem import devices
+from kvmem import devices, kernels
 from kvmem.stores._threads import spread, torch_threads
 
-try:                                    # the fused selection (kvmem/_select.c); absent where no C compiler was found
-    from kvmem import _select as _native
-except ImportError:                     # pragma: no cover - a build without the extension
-    _native = None
-if os.environ.get("KVMEM_NATIVE", "") == "0":   # the torch ops path, for comparison
-    _native = None
-
-__all__ = ["HeapTopK", "KeySource", "RunningTopK", "blocked_search", "exact_scores", "fast_rank_dtype",
+__all__ = ["HeapTopK", "KeySource", "RunningTopK", "blas_threads", "blocked_search", "exact_scores",
+           "fast_rank_dtype",
            "fused_selection", "rank_dtype_for"]
 
 NEG_INF = float("-inf")
@@ -199,7 +192,7 @@ class RunningTopK:
 
 
 class HeapTopK:
-    """:class:`RunningTopK`'s contract on the fused selection's per-row heaps (``kvmem/_select.c``).
+    """:class:`RunningTopK`'s contract on the fused selection's per-row heaps (``kvmem/_kernels.c``).
 
     CPU float32 blocks only. ``limits (R,)``: row r ignores columns from ``limits[r]`` on (a partition
     holding fewer rows than a block reaches), so no block is masked first. Blocks should be small
@@ -213,7 +206,7 @@ class HeapTopK:
         self._limits = limits
 
     def push(self, scores: torch.Tensor, first: int) -> None:
-        _native.push(scores.numpy(), first, self._limits, self._values, self._columns)
+        kernels.native.push(scores.numpy(), first, self._limits, self._values, self._columns)
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _best_first(torch.from_numpy(self._values), torch.from_numpy(self._columns))
@@ -227,7 +220,7 @@ def _best_first(values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tens
 
 def fused_selection() -> bool:
     """Whether exact CPU float32 searches select with the compiled kernel (False: torch ops, slower)."""
-    return _native is not None
+    return kernels.available()
 
 
 def exact_scores(queries: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
@@ -236,7 +229,11 @@ def exact_scores(queries: torch.Tensor, keys: torch.Tensor, metric: str) -> torc
     A score depends only on its query and key, not on where the key sits among the ``c``
     (a matrix-vector product per query; einsum's kernels round some columns differently),
     so stores that split the candidates, as ``sharded`` does, score them as one store would.
+    On the CPU the compiled kernel scores them (:func:`kvmem.kernels.scores`), as it scores the rows
+    the approximate backends return.
     """
+    if kernels.applies(keys) and not devices.cuda_like(keys.device) and queries.device.type == "cpu":
+        return kernels.scores(queries, keys, metric)
     q = queries.float()
     k = keys.float()
     if metric == "l2":
@@ -305,7 +302,7 @@ class _BlockScorer:
         b = keys.shape[1]
         block = self.scores[:P * q * b].view(P, q, b)
         if self._numpy:
-            with _blas_threads(1 if q < _SMALL_Q else None):
+            with blas_threads(1 if q < _SMALL_Q else None):
                 np.matmul(self.qrows.numpy(), krows.numpy().transpose(0, 2, 1), out=block.numpy())
         elif devices.cuda_like(block.device):
             torch.bmm(self.qrows, krows.transpose(1, 2), out=block)
@@ -318,7 +315,7 @@ class _BlockScorer:
         return block
 
 
-def _blas_threads(limit: int | None) -> contextlib.AbstractContextManager[object]:
+def blas_threads(limit: int | None) -> contextlib.AbstractContextManager[object]:
     """NumPy's BLAS on one thread inside when ``limit`` is 1 (no-op for None or without threadpoolctl).
 
     A matvec is memory-bound: one thread streams as fast as two, and an idle
@@ -418,7 +415,7 @@ def blocked_search(source: KeySource, queries: torch.Tensor, k: int, metric: str
         with torch_threads(1):
             rows(0, q, budget)
     else:
-        with _blas_threads(1):
+        with blas_threads(1):
             spread(lambda lo, hi: rows(lo, hi, max(1024, budget // spans)), q, spans, _SPAN_ROWS)
     return scores, slots
 
@@ -448,7 +445,7 @@ def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
     keep = k + _MARGIN[work]
     converts = not (metric == "ip" and source.dtype == work)
     rows = _block_rows(P, q, d + 1, budget, int(counts.max()), converts, max_rows)
-    if _native is not None and work == torch.float32 and not devices.cuda_like(source.device):
+    if kernels.available() and work == torch.float32 and not devices.cuda_like(source.device):
         score, approx, cand = _fused_scan(source, queries, metric, keep, rows)
     else:
         score = _BlockScorer(queries, metric, work, rows)
@@ -487,8 +484,8 @@ def _fused_scan(source: KeySource, queries: torch.Tensor, metric: str, keep: int
     score = _BlockScorer(queries, metric, torch.float32, step)
     qrows, scores = score.qrows.numpy(), score.scores.numpy()
     heaps = HeapTopK(P * q, keep, np.repeat(source.counts().astype(np.int64), q))
-    push, values, columns, limits = _native.push, heaps._values, heaps._columns, heaps._limits
-    with _blas_threads(1 if q < _SMALL_Q else None):
+    push, values, columns, limits = kernels.native.push, heaps._values, heaps._columns, heaps._limits
+    with blas_threads(1 if q < _SMALL_Q else None):
         for first, keys, sqnorm in source.blocks(rows):
             direct = keys.numpy().transpose(0, 2, 1) if metric == "ip" and keys.dtype == torch.float32 else None
             for a in range(0, keys.shape[1], step):

@@ -31,12 +31,44 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def test_exact_flat_small(tmp_path):
     out = exact_flat.main(["--n", "3000", "--dim", "16", "--k", "5", "--queries", "20", "--rounds", "1",
-                           "--json", str(tmp_path / "exact.json")])
-    assert out["batched"]["agreement_with_faiss"]["float32"] >= 0.99
-    assert all(r > 0 for r in out["batched"]["ratio"].values())
-    assert json.loads((tmp_path / "exact.json").read_text())["batched"]["n"] == 3000
+                           "--floor-n", "5000", "--floor-queries", "16", "--json", str(tmp_path / "exact.json")])
+    assert set(out["batched"]) == {"gaussian", "clustered", "duplicates"}
+    for kind, fig in out["batched"].items():
+        assert fig["agreement_with_faiss"]["float32"] >= 0.99, kind          # copies of one key agree too
+        assert set(fig["ratio"]) == {"float32", "bfloat16", "float16"} and all(r > 0 for r in fig["ratio"].values())
+    assert json.loads((tmp_path / "exact.json").read_text())["batched"]["gaussian"]["n"] == 3000
+    assert isinstance(out["fused_selection"], bool)
+    floor = out["floor"]
+    assert floor["n"] == 5000 and floor["queries"] == 16
+    assert all(m["gflops"] > 0 < m["floor_s"] for m in (floor["matmul"]["float32"], floor["matmul"]["bfloat16"]))
+    assert {(r["keys"], r["data"]) for r in floor["search"]} == {
+        (keys, data) for keys in ("float32", "bfloat16") for data in ("gaussian", "clustered")}
+    assert all(r["rank_dtype"] in ("float32", "bfloat16") and r["ratio_to_floor"] > 0 for r in floor["search"])
     text = exact_flat.render(out)
-    assert "time / faiss" in text and "One query at a time" in text
+    assert "time / faiss" in text and "One query at a time" in text and "matmul floor" in text
+    assert "duplicates" in text and "clustered" in text and "Compiled selection:" in text
+    assert "| float32 | clustered |" in text and "GFLOP/s" in text
+
+
+def test_exact_flat_data_picks_kinds_and_rejects_unknown_ones(capsys):
+    out = exact_flat.main(["--n", "800", "--dim", "8", "--k", "4", "--queries", "8", "--rounds", "1",
+                           "--floor-n", "1000", "--floor-queries", "8", "--data", "duplicates"])
+    assert list(out["batched"]) == ["duplicates"]
+    assert out["batched"]["duplicates"]["agreement_with_faiss"]["float32"] == 1
+    with pytest.raises(SystemExit):
+        exact_flat.main(["--data", "gaussian,sparse"])
+    assert "unknown data kind 'sparse'; choose from gaussian, clustered, duplicates" in capsys.readouterr().err
+
+
+def test_exact_flat_renders_json_kept_before_data_kinds():
+    old = {"rounds": 1, "batched": {"n": 10, "dim": 4, "k": 2, "queries": 3, "faiss_s": 0.1,
+                                    "ratio": dict.fromkeys(exact_flat.DTYPES, 1.0),
+                                    "agreement_with_faiss": dict.fromkeys(exact_flat.DTYPES, 1.0)},
+           "single_query": {"latency_s": {"faiss": 0.001}, "ratio_to_faiss": {}, "ratio_to_naive": {}},
+           "memory": [{"n": 10, "queries": 3, "dtype": "float32", "peak_extra_mib": 0.0,
+                       "naive_score_matrix_mib": 0.0}], "cuda": None}
+    text = exact_flat.render(old)
+    assert "| Gaussian | float32 |" in text and "matmul floor" not in text
 
 
 def test_exact_parts_small():
@@ -130,13 +162,14 @@ def test_lmdb_bench_small(tmp_path):
 
 
 def test_make_results_renders_the_page_from_kept_json(tmp_path):
-    data = exact_flat.main(["--n", "2000", "--dim", "8", "--k", "4", "--queries", "8", "--rounds", "1"])
+    data = exact_flat.main(["--n", "2000", "--dim", "8", "--k", "4", "--queries", "8", "--rounds", "1",
+                            "--floor-n", "2000", "--floor-queries", "8"])
     (tmp_path / "exact.json").write_text(json.dumps({"seconds": 60, "data": data, "note": "Measured before X."}))
     page = tmp_path / "RESULTS.md"
     make_results.main(["--out", str(tmp_path), "--render-only", "--page", str(page)])
     text = page.read_text()
     assert text.startswith("# kvmem benchmark results") and make_results.SECTIONS["exact"].title in text
-    assert "Machine:" in text and not math.isnan(data["batched"]["ratio"]["float32"])
+    assert "Machine:" in text and not math.isnan(data["batched"]["gaussian"]["ratio"]["float32"])
     assert "(1 min)\n\n*Measured before X.*\n" in text
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import kvmem
-from kvmem import topk
+from kvmem import kernels, topk
 from kvmem.stores.exact import TableKeys
 from kvmem.testing import BruteForceMemory, StoreConformance, check_search, store_machine
 from kvmem.testing.checks import score_error
@@ -112,11 +112,11 @@ def _resolvable(model, queries, k=K):
 
 @pytest.fixture(params=["fused", "torch"])
 def selection(request, monkeypatch):
-    """Both CPU float32 selections: the compiled heaps (``kvmem/_select.c``) and the torch ops fallback."""
+    """Both CPU float32 selections: the compiled heaps (``kvmem/_kernels.c``) and the torch ops fallback."""
     if request.param == "fused" and not topk.fused_selection():
         pytest.skip("kvmem was built without its C extension")
     if request.param == "torch":
-        monkeypatch.setattr(topk, "_native", None)
+        monkeypatch.setattr(kernels, "native", None)
     return request.param
 
 
@@ -314,7 +314,7 @@ def test_overlapping_one_thread_limits_put_blas_back_when_the_last_leaves():
     """Two searches holding BLAS at one thread, leaving in the order they came: the first to leave must
     not restore the count under the second, and the last must put back what BLAS had."""
     pytest.importorskip("threadpoolctl")
-    with topk._blas_threads(1):                                 # the controller: the BLAS it limits
+    with topk.blas_threads(1):                                 # the controller: the BLAS it limits
         pass
 
     def blas():
@@ -323,7 +323,7 @@ def test_overlapping_one_thread_limits_put_blas_back_when_the_last_leaves():
     before = blas()
     if not before or max(before) == 1:
         pytest.skip("BLAS already runs on one thread here: nothing to restore")
-    first, second = topk._blas_threads(1), topk._blas_threads(1)
+    first, second = topk.blas_threads(1), topk.blas_threads(1)
     first.__enter__()
     second.__enter__()
     assert set(blas()) == {1}

@@ -78,6 +78,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 import torch
 
+from kvmem import kernels
 from kvmem.config import StoreConfig
 from kvmem.errors import CorruptStoreError, InvalidInputError
 from kvmem.store import SearchResult
@@ -198,8 +199,13 @@ class _Found:
         k, dim = self.k, self.keys.shape[-1]
         where = self.table.flat_rows(slots, self.first + torch.arange(lo, hi) // self.q)   # rows of the flat columns
         got = self.keys[lo:hi] if c == k else torch.empty(n, c, dim, dtype=self.keys.dtype)
-        torch.index_select(self.table.flat("keys"), 0, where.view(-1), out=got.view(-1, dim))
-        scores = exact_scores(self.queries[None, lo:hi], got[None], self.metric)[0].masked_fill_(slots < 0, NEG_INF)
+        table = self.table.flat("keys")
+        zeroed = kernels.applies(table)                             # one pass: keys copied, scored, zeros where none
+        if zeroed:
+            scores = kernels.gather(table, where, slots, self.queries[lo:hi], self.metric, got)
+        else:
+            torch.index_select(table, 0, where.view(-1), out=got.view(-1, dim))
+            scores = exact_scores(self.queries[None, lo:hi], got[None], self.metric)[0].masked_fill_(slots < 0, NEG_INF)
         if c > k:
             scores, order = scores.topk(k, -1)
             pick = (order + torch.arange(n)[:, None] * c).view(-1)
@@ -220,10 +226,11 @@ class _Found:
         if values.shape[1] == 1:                                # a column: a 1-D gather is 5x faster
             values = values.view(-1)
         torch.index_select(values, 0, where.view(-1), out=self.values[lo:hi].view(n * k, *values.shape[1:]))
-        if bool(missing.any()):
+        if bool(missing.any()):                                 # padded rows: only their entries are zeroed
             self.ids[lo:hi].masked_fill_(missing, -1)
-            self.keys[lo:hi].masked_fill_(missing[..., None], 0)
-            self.values[lo:hi].masked_fill_(missing[..., None], 0)
+            if not zeroed:
+                self.keys[lo:hi][missing] = 0
+            self.values[lo:hi][missing] = 0
 
 
 class AnnStore(Tuning, TableStore):
