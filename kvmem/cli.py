@@ -131,8 +131,11 @@ def _bench(args: argparse.Namespace) -> int:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise path_error(exc, f"--out {str(config.out)!r} cannot be a results folder") from exc
+    from kvmem import kernels
+
+    compiled = "compiled kernels" if kernels.available() else "torch ops (kvmem/_kernels.c not built)"
     print(f"kvmem bench: {config.dataset}, {config.size:,} rows x {config.dim}, {config.queries} queries, "
-          f"k={config.k}; results in {config.out}/", file=sys.stderr)
+          f"k={config.k}; CPU selection: {compiled}; results in {config.out}/", file=sys.stderr)
     runner.run(config)
     return 0
 

@@ -22,6 +22,11 @@ than the float32 rounding of a score. Near-ties in ``l2`` under a large shared
 offset (attention keys) are where float32 ranking, which scores
 ``2 q.k - |k|^2``, cannot tell rows apart and float64 is needed.
 
+The running top-k: on the CPU with a float32 ranking, blocks of about 1 MiB of scores
+(:data:`_FUSED_ELEMS`) go, while still in cache, to the compiled per-row heaps of
+:class:`HeapTopK` (``kvmem/_kernels.c``); elsewhere (CUDA, bfloat16 ranking, float64
+second passes, a build without the extension) :class:`RunningTopK` selects with torch ops.
+
 Metrics are folded into the matmul so one kernel serves all three
 (``r`` is the ranking score, monotone in the returned score):
 
@@ -213,7 +218,7 @@ class HeapTopK:
 
 
 def _best_first(values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    values, order = values.sort(1, descending=True)
+    values, order = values.sort(dim=1, descending=True)
     columns = columns.gather(1, order)
     return values, columns.masked_fill(values == NEG_INF, -1)
 
@@ -460,7 +465,10 @@ def _search_tile(source: KeySource, queries: torch.Tensor, k: int, metric: str,
         approx, cand = running.result()                                                # (P*q, keep)
     cand = cand.view(P, q, keep)
     exact = exact_scores(queries, source.gather(cand), metric).masked_fill(cand < 0, NEG_INF)
-    best, pick = exact.topk(k, -1)                                                     # (P, q, k)
+    by_slot = torch.where(cand >= 0, cand, torch.iinfo(torch.int64).max).argsort(dim=-1, stable=True)
+    cand, exact = cand.gather(-1, by_slot), exact.gather(-1, by_slot)                 # equal scores: slot order,
+    best, pick = exact.sort(dim=-1, descending=True, stable=True)                     # whichever selection ran
+    best, pick = best[..., :k], pick[..., :k]                                          # (P, q, k)
     best_slots = cand.gather(-1, pick).masked_fill(best == NEG_INF, -1)
     finer = _FINER.get(work)
     if finer is not None:
