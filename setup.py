@@ -1,7 +1,9 @@
-"""The one compiled part of kvmem: the fused top-k selection of the exact CPU search (``kvmem/_kernels.c``).
+"""The one compiled part of kvmem, ``kvmem/_kernels.c``: the running top-k of the exact CPU search and the
+gather-and-score of the rows a search returns (:mod:`kvmem.kernels`).
 
 Everything else is in pyproject.toml. The extension is optional: where no C compiler exists, the install
-goes on and ``kvmem.topk`` selects with torch ops instead (same results, slower; ``kvmem info`` says which).
+goes on and kvmem uses torch ops instead (the same results, slower; ``kvmem bench`` says which in its
+first line, ``kvmem.kernels.available()`` in code).
 """
 
 from setuptools import Extension, setup

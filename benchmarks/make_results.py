@@ -165,7 +165,7 @@ def _dense_render(data: Any) -> str:
 
 
 SECTIONS: dict[str, Section] = {
-    "exact": Section("`exact` against faiss `IndexFlatIP` and naive torch",
+    "exact": Section("`exact` against faiss `IndexFlatIP`, naive torch and the matmul floor",
                      "python -m kvmem.benchmarks.exact_flat", _exact, _exact_render),
     "bench": Section("`kvmem bench` (defaults)", "kvmem bench --repeats 5", _bench, _bench_render),
     "lookup": Section("Memory lookup task: accuracy vs memory size",

@@ -133,7 +133,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise path_error(exc, f"--out {str(config.out)!r} cannot be a results folder") from exc
     from kvmem import kernels
 
-    compiled = "compiled kernels" if kernels.available() else "torch ops (kvmem/_kernels.c not built)"
+    compiled = "compiled kernels" if kernels.available() else "torch ops (no kvmem._kernels, or KVMEM_NATIVE=0)"
     print(f"kvmem bench: {config.dataset}, {config.size:,} rows x {config.dim}, {config.queries} queries, "
           f"k={config.k}; CPU selection: {compiled}; results in {config.out}/", file=sys.stderr)
     runner.run(config)

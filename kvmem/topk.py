@@ -53,8 +53,7 @@ from kvmem import devices, kernels
 from kvmem.stores._threads import spread, torch_threads
 
 __all__ = ["HeapTopK", "KeySource", "RunningTopK", "blas_threads", "blocked_search", "exact_scores",
-           "fast_rank_dtype",
-           "fused_selection", "rank_dtype_for"]
+           "fast_rank_dtype", "fused_selection", "rank_dtype_for"]
 
 NEG_INF = float("-inf")
 _GROUP = 16          # columns per group in the group-max prefilter

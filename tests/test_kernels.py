@@ -1,8 +1,9 @@
-"""The compiled selection of the exact CPU search (``kvmem/_kernels.c``) against a NumPy oracle.
+"""The compiled kernels of the CPU search path (``kvmem/_kernels.c``, :mod:`kvmem.kernels`) against NumPy and torch.
 
-The store-level exactness of both selections (this one and the torch ops fallback) is in
-``test_exact.py`` (the ``selection`` fixture); here: the kernel's heaps, its refusals, that it is
-built, and that a search really goes through it.
+The store-level exactness of both selections (the heaps and the torch ops fallback) is in
+``test_exact.py`` (the ``selection`` fixture); here: the heaps against a NumPy oracle, the gather against a
+float64 reference, the refusals of both, that the extension is built, that searches really go through it,
+and that ``ivf`` / ``hnsw`` return the same with it and without.
 """
 
 import os
