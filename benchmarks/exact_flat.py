@@ -6,7 +6,7 @@
 Prints (and writes as JSON with ``--json``):
 
 - whether exact CPU float32 searches select with the compiled kernel
-  (``kvmem.topk.fused_selection()``);
+  (``kvmem.kernels.available()``);
 - batched search (1024 queries) on each kind of keys in ``--data``:
   ``gaussian``, ``clustered`` (:func:`kvmem.benchmarks.datasets.clustered`) and
   ``duplicates`` (N/4 distinct Gaussian keys, each stored 4 times in shuffled
@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 import kvmem
+import kvmem.kernels
 import kvmem.topk
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     result = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds,
-        "fused_selection": kvmem.topk.fused_selection(),
+        "fused_selection": kvmem.kernels.available(),
         "batched": batched(args.data, args.n, args.dim, args.k, args.queries, args.rounds, args.seed),
         "floor": floor(args.floor_n, args.floor_queries, args.dim, args.k, args.rounds, args.seed),
         "single_query": single_query(args.n, args.dim, args.k, 20, args.rounds, args.seed),

@@ -53,7 +53,7 @@ from kvmem import devices, kernels
 from kvmem.stores._threads import spread, torch_threads
 
 __all__ = ["HeapTopK", "KeySource", "RunningTopK", "blas_threads", "blocked_search", "exact_scores",
-           "fast_rank_dtype", "fused_selection", "rank_dtype_for"]
+           "fast_rank_dtype", "rank_dtype_for"]
 
 NEG_INF = float("-inf")
 _GROUP = 16          # columns per group in the group-max prefilter
@@ -220,11 +220,6 @@ def _best_first(values: torch.Tensor, columns: torch.Tensor) -> tuple[torch.Tens
     values, order = values.sort(dim=1, descending=True)
     columns = columns.gather(1, order)
     return values, columns.masked_fill(values == NEG_INF, -1)
-
-
-def fused_selection() -> bool:
-    """Whether exact CPU float32 searches select with the compiled kernel (False: torch ops, slower)."""
-    return kernels.available()
 
 
 def exact_scores(queries: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import kvmem
 from kvmem import kernels, topk
 
-native = pytest.mark.skipif(not topk.fused_selection(), reason="kvmem was built without its C extension")
+native = pytest.mark.skipif(not kernels.available(), reason="kvmem was built without its C extension")
 
 
 def _heaps(rows, keep):
@@ -144,11 +144,11 @@ def test_the_extension_is_built_where_a_c_compiler_exists():
     compiler = sysconfig.get_config_var("CC") or "cc"
     if shutil.which(compiler.split()[0]) is None:
         pytest.skip(f"no C compiler ({compiler}) here: kvmem uses its torch selection")
-    assert topk.fused_selection(), "kvmem._kernels did not build; reinstall and read the build log"
+    assert kernels.available(), "kvmem._kernels did not build; reinstall and read the build log"
 
 
 def test_kvmem_native_0_selects_with_torch_ops():
-    code = "from kvmem import topk; print(topk.fused_selection())"
+    code = "from kvmem import kernels; print(kernels.available())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "KVMEM_NATIVE": "0"})
     assert out.stdout.strip() == "False"
