@@ -18,7 +18,11 @@ window and attends to its window only. The memory keys are those of the same
 forward pass, so gradients reach the queries and every key and value in the
 softmax (at inference memory is a constant). The memory is attended densely
 (no top-k): it holds ``d * W`` keys. Logits and softmax run in float32 (float64
-for float64 inputs); the output has the dtype of ``value``.
+for float64 inputs); the output has the dtype of ``value``. With a large ``d``
+(many negatives, as a large memory needs) the queries of each window column
+are scored against every document's previous window in one matmul and the
+documents outside a row's memory are masked; with a small ``d`` each row's
+blocks are copied out. Both give the same attention.
 
 Position modes are those of inference (:data:`~kvmem.adapters.attention.POSITION_MODES`):
 windows run at local positions ``0 .. W - 1``; ``"first"`` scores memory keys
@@ -104,21 +108,31 @@ def crossbatch_attention(
     q = query.to(f32).reshape(R, Hkv, G * W, dh)  # (R, Hkv, G*W, dh): the G heads of a group share keys
     local = (torch.matmul(q, key.to(f32).transpose(-1, -2)) * scaling).view(R, H, W, W)
     local = local.masked_fill(~_local_mask(attention_mask, R, H, W, W, query.device), -math.inf)
-
-    mem_k = _previous_windows(memory_key.to(f32), docs, d)  # (R, Hkv, d*W, dh)
-    mem_v = _previous_windows(value.to(f32), docs, d)  # (R, Hkv, d*W, dv)
-    mq = memory_query.to(f32).reshape(R, Hkv, G * W, dh)
-    mem = (torch.matmul(mq, mem_k.transpose(-1, -2)) * scaling).view(R, H, W, d * W)
-    first = (torch.arange(R, device=query.device) % windows == 0).view(R, 1, 1, 1)  # no previous window
-    mem = mem.masked_fill(first, -math.inf)
-
     v = value.to(f32)  # (R, Hkv, W, dv)
-    if gate is None:
-        weights = _softmax(torch.cat([mem, local], dim=-1))  # (R, H, W, d*W + W)
-        out = _mix(weights[..., d * W :], v, R, Hkv, G, W) + _mix(weights[..., : d * W], mem_v, R, Hkv, G, W)
+
+    def later(x):  # rows of windows 1 .. n-1, which have a previous window: (docs * (n-1), ...)
+        return x.view(docs, windows, *x.shape[1:])[:, 1:].reshape(-1, *x.shape[1:])
+
+    def earlier(x):  # windows 0 .. n-2, what those rows' memory holds
+        return x.view(docs, windows, *x.shape[1:])[:, :-1].reshape(-1, *x.shape[1:])
+
+    # window 0 attends to itself only: with a gate, its memory half is zero
+    g = None if gate is None else torch.sigmoid(gate.to(f32)).view(1, H, 1, 1)
+    alone = _mix(_softmax(local.view(docs, windows, H, W, W)[:, 0]), v.view(docs, windows, Hkv, W, -1)[:, 0],
+                 docs, Hkv, G, W)  # (docs, H, W, dv)
+    alone = alone if g is None else (1 - g) * alone
+    if windows == 1:
+        return alone.to(value.dtype)
+    mq, mk, mv = later(memory_query.to(f32)), earlier(memory_key.to(f32)), earlier(v)
+    memory = _column_memory if _by_columns(docs, d, G, dh, v.shape[-1]) else _gathered_memory
+    mem, mix_memory = memory(mq, mk, mv, docs, d, scaling)  # (R', H, W, M): R' = docs * (windows - 1)
+    M, loc, lv, Rl = mem.shape[-1], later(local), later(v), mq.shape[0]
+    if g is None:
+        weights = _softmax(torch.cat([mem, loc], dim=-1))  # (R', H, W, M + W)
+        out = _mix(weights[..., M:], lv, Rl, Hkv, G, W) + mix_memory(weights[..., :M])
     else:
-        g = torch.sigmoid(gate.to(f32)).view(1, H, 1, 1)
-        out = g * _mix(_softmax(mem), mem_v, R, Hkv, G, W) + (1 - g) * _mix(_softmax(local), v, R, Hkv, G, W)
+        out = g * mix_memory(_softmax(mem)) + (1 - g) * _mix(_softmax(loc), lv, Rl, Hkv, G, W)
+    out = torch.cat([alone.unsqueeze(1), out.view(docs, windows - 1, H, W, -1)], dim=1).view(R, H, W, -1)
     return out.to(value.dtype)
 
 
@@ -283,15 +297,70 @@ def _mix(weights, values, R, Hkv, G, W):
     return torch.matmul(weights.reshape(R, Hkv, G * W, -1), values).view(R, Hkv * G, W, -1)
 
 
-def _previous_windows(x: torch.Tensor, docs: int, d: int) -> torch.Tensor:
-    """x (R, Hkv, W, e) -> (R, Hkv, d*W, e): window j-1 of documents b, b+1, ..., b+d-1 (mod docs)."""
+def _memory_blocks(x: torch.Tensor, docs: int, d: int) -> torch.Tensor:
+    """x (R, Hkv, W, e), rows document-major -> (R, Hkv, d*W, e): for row ``b * n + j``, window ``j`` of
+    documents b, b+1, ..., b+d-1 (mod docs)."""
     R, Hkv, W, e = x.shape
-    n = R // docs
-    per_doc = x.view(docs, n, Hkv, W, e)
-    prev = torch.roll(per_doc, shifts=1, dims=1)  # prev[:, j] = per_doc[:, j-1]; j = 0 is masked
+    per_doc = x.view(docs, R // docs, Hkv, W, e)
     which = (torch.arange(docs, device=x.device).unsqueeze(1) + torch.arange(d, device=x.device)) % docs
-    blocks = prev[which]  # (docs, d, n, Hkv, W, e)
+    blocks = per_doc[which]  # (docs, d, n, Hkv, W, e)
     return blocks.permute(0, 2, 3, 1, 4, 5).reshape(R, Hkv, d * W, e)
+
+
+def _by_columns(docs: int, d: int, G: int, dh: int, dv: int) -> bool:
+    """Score against every document's previous window (masked) rather than copy each row's ``d`` blocks?
+
+    The gathered copies cost ``d * (dh + dv)`` numbers per row and key
+    position; the columns cost ``docs * G`` extra scores. With many documents
+    in memory (large ``d``) the copies dominate and training slows with d².
+    """
+    return d * (dh + dv) >= docs * G
+
+
+def _gathered_memory(mq, mk, v, docs, d, scaling):
+    """Each row's memory blocks copied out: scores ``(R, H, W, d*W)`` and the mix of their values.
+
+    ``mq`` ``(R, H, W, dh)``: the queries of rows ``b * n + j``; ``mk`` / ``v``
+    ``(R, Hkv, W, *)``: the windows their memory holds, row ``c * n + j``
+    being what documents ``b`` with ``c`` in ``b .. b + d - 1`` (mod docs) see.
+    """
+    R, Hkv, W, _ = mk.shape
+    G = mq.shape[1] // Hkv
+    mem_k = _memory_blocks(mk, docs, d)  # (R, Hkv, d*W, dh)
+    mem_v = _memory_blocks(v, docs, d)  # (R, Hkv, d*W, dv)
+    q = mq.reshape(R, Hkv, G * W, -1)
+    scores = (torch.matmul(q, mem_k.transpose(-1, -2)) * scaling).view(R, Hkv * G, W, d * W)
+    return scores, lambda weights: _mix(weights, mem_v, R, Hkv, G, W)
+
+
+def _column_memory(mq, mk, v, docs, d, scaling):
+    """Every row against column ``j`` of every document, the ``docs - d`` not in its memory masked.
+
+    Arguments as :func:`_gathered_memory`. Scores ``(R, H, W, docs*W)``;
+    one matmul per window column.
+    """
+    R, Hkv, W, dh = mk.shape
+    H, n = mq.shape[1], R // docs
+    G = H // Hkv
+
+    def columns(x):  # (R, h, W, e) -> (n, h, docs*W, e): column j holds window j of every document
+        e = x.shape[-1]
+        return x.reshape(docs, n, x.shape[1], W, e).permute(1, 2, 0, 3, 4).reshape(n, x.shape[1], docs * W, e)
+
+    keys, values = columns(mk), columns(v)  # (n, Hkv, docs*W, *)
+    q = mq.reshape(docs, n, Hkv, G * W, dh).permute(1, 2, 0, 3, 4).reshape(n, Hkv, docs * G * W, dh)
+    scores = (torch.matmul(q, keys.transpose(-1, -2)) * scaling).view(n, Hkv, docs, G * W, docs, W)
+    b = torch.arange(docs, device=mq.device)
+    outside = ((b.view(1, -1) - b.view(-1, 1)) % docs >= d).view(1, 1, docs, 1, docs, 1)  # [row doc, memory doc]
+    scores = scores.masked_fill(outside, -math.inf)
+    scores = scores.permute(2, 0, 1, 3, 4, 5).reshape(R, H, W, docs * W)
+
+    def mix(weights):  # (R, H, W, docs*W) -> (R, H, W, dv)
+        w = weights.reshape(docs, n, Hkv, G * W, docs * W).permute(1, 2, 0, 3, 4).reshape(n, Hkv, -1, docs * W)
+        out = torch.matmul(w, values)  # (n, Hkv, docs*G*W, dv)
+        return out.view(n, Hkv, docs, G * W, -1).permute(2, 0, 1, 3, 4).reshape(R, H, W, -1)
+
+    return scores, mix
 
 
 def _to_windows(x: torch.Tensor, windows: int, window: int) -> torch.Tensor:

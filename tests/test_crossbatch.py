@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from kvmem.adapters import MemoryAttention, RotaryEmbedding
+from kvmem.adapters import MemoryAttention, RotaryEmbedding, crossbatch
 from kvmem.adapters.crossbatch import crossbatch_attention, crossbatch_forward, memory_sources
 
 from kvmem.errors import InvalidInputError
@@ -51,11 +51,18 @@ def _inputs(docs=3, windows=2, H=4, Hkv=2, W=3, dh=4, dtype=torch.float64, seed=
     return [torch.randn(*s, generator=gen, dtype=dtype).requires_grad_() for s in shapes]
 
 
-@pytest.mark.parametrize("d", [1, 2, 3])
-def test_crossbatch_equals_the_concatenated_reference_in_values_and_gradients(d):
-    q, k, v, mq, mk = _inputs()
-    ours = crossbatch_attention(q, k, v, docs=3, d=d, memory_query=mq, memory_key=mk, scaling=0.7)
-    ref = _reference(q, k, v, 3, d, mq, mk, 0.7)
+@pytest.fixture(params=["columns", "gathered"])
+def layout(request, monkeypatch):
+    """Both ways of scoring memory: every document's window masked, or each row's blocks copied out."""
+    monkeypatch.setattr(crossbatch, "_by_columns", lambda *_: request.param == "columns")
+    return request.param
+
+
+@pytest.mark.parametrize("docs, windows, d", [(3, 2, 1), (3, 2, 2), (3, 2, 3), (5, 3, 2), (5, 3, 4)])
+def test_crossbatch_equals_the_concatenated_reference_in_values_and_gradients(docs, windows, d, layout):
+    q, k, v, mq, mk = _inputs(docs=docs, windows=windows)
+    ours = crossbatch_attention(q, k, v, docs=docs, d=d, memory_query=mq, memory_key=mk, scaling=0.7)
+    ref = _reference(q, k, v, docs, d, mq, mk, 0.7)
     torch.testing.assert_close(ours, ref)
     grad = torch.randn_like(ours)
     g_ours = torch.autograd.grad(ours, (q, k, v, mq, mk), grad)
@@ -65,7 +72,7 @@ def test_crossbatch_equals_the_concatenated_reference_in_values_and_gradients(d)
     assert all(g.abs().sum() > 0 for g in g_ours)  # gradients reach queries, keys and values
 
 
-def test_crossbatch_gradcheck_float64():
+def test_crossbatch_gradcheck_float64(layout):
     q, k, v, mq, mk = _inputs(docs=2, windows=2, H=2, Hkv=1, W=2, dh=2)
     gate = torch.randn(2, dtype=torch.float64, requires_grad=True)
 
@@ -76,7 +83,7 @@ def test_crossbatch_gradcheck_float64():
     torch.testing.assert_close(f(q, k, v, mq, mk, gate), _reference(q, k, v, 2, 2, mq, mk, 2**-0.5, gate))
 
 
-def test_positives_and_negatives_come_from_the_documents_they_should():
+def test_positives_and_negatives_come_from_the_documents_they_should(layout):
     docs, windows, W, d = 4, 3, 2, 3
     R = docs * windows
     # value = one-hot of the row it comes from; zero queries attend uniformly, so mass shows the sources
