@@ -63,10 +63,10 @@ class Task:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    d: str = "1,2,4,8,16,32"  # CrossBatch documents per memory, a curriculum: the next when the loss is below `advance`
+    d: str = "1,2,4,8,16,32,64,128"  # CrossBatch documents per memory, a curriculum: next once the loss < `advance`
     advance: float = 0.3  # loss (mean of the last 50 steps) that moves training to the next d
     hard: float = 0.0  # in the last d: fraction of documents whose key is the previous one's, one token changed
-    docs: int = 32  # documents per batch
+    docs: int = 128  # documents per batch: d = docs puts every other one in each memory
     windows: int = 2  # windows per document: entries, queries, entries, ...
     steps: int = 6000  # at most; training also stops at `minutes`
     minutes: float = 25.0
@@ -75,7 +75,7 @@ class TrainConfig:
     positions: str = "none"  # memory position mode
     hidden: int = 128
     heads: int = 4  # query heads of head_dim; one key-value head
-    head_dim: int = 32
+    head_dim: int = 64
     seed: int = 0
 
     @property
@@ -134,10 +134,14 @@ def dictionary(task: Task, entries: int, seed: int) -> tuple[torch.Tensor, torch
     return codes, torch.randint(0, task.values, (entries,), generator=gen)
 
 
-def query_windows(task: Task, codes: torch.Tensor, values: torch.Tensor, n: int, seed: int):
-    """(ids (w, window), answer positions (w, slots), answer tokens (w, slots)) for ``n`` distinct entries."""
+def query_windows(task: Task, codes: torch.Tensor, values: torch.Tensor, n: int, seed: int, skip: int = 0):
+    """(ids (w, window), answer positions (w, slots), answer tokens (w, slots)) for ``n`` distinct entries.
+
+    The entries are a seeded permutation's ``skip``-th to ``skip + n``-th: the
+    same seed with ``skip = n`` asks ``n`` others.
+    """
     gen = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(len(codes), generator=gen)[:n]
+    pick = torch.randperm(len(codes), generator=gen)[skip : skip + n]
     U = task.slots
     n = len(pick) // U * U
     q = task.queries(codes[pick[:n]], values[pick[:n]]).view(-1, U * SLOT)  # (w, U*5)

@@ -202,3 +202,18 @@ def test_an_oracle_answers_every_query():
     codes, values = dictionary(task, 40, 0)
     ids, where, answers = query_windows(task, codes, values, 14, 1)
     assert fot_lookup._accuracy(Oracle(), ids, where, answers)[0] == 1.0
+
+
+def test_fot_margins_counts_every_distractor_once(tmp_path):
+    from kvmem.benchmarks.fot_margins import margins
+    from kvmem.benchmarks.fot_task import Task, TrainConfig, train
+
+    tiny = dict(d="1", docs=2, hidden=32, heads=2, head_dim=16)
+    train(Task(keys=8, values=8, window=5), TrainConfig(steps=2, **tiny), tmp_path / "m", log=lambda *_: None)
+    out = margins(tmp_path / "m", entries=300, queries=20, k=4)
+    assert sum(d["per_query"] for d in out["distractors"]) == pytest.approx(299)  # every other entry, once
+    assert all(0 <= d["beats_true"] <= 1 for d in out["distractors"])
+    assert margins(tmp_path / "m", entries=300, queries=20, k=1500)["true_in_top_k_of_some_head"] == 1.0
+    train(Task(keys=8, values=8, window=20), TrainConfig(steps=1, **tiny), tmp_path / "w", log=lambda *_: None)
+    with pytest.raises(ValueError, match="one entry per window"):
+        margins(tmp_path / "w", entries=50)
