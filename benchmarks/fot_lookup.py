@@ -38,8 +38,8 @@ __all__ = ["evaluate", "window_logits", "render", "main", "SIZES", "MAX_ROWS"]
 
 SIZES = tuple(1 << s for s in range(14, 25, 2))  # 16k, 64k, 256k, 1M, 4M, 16M tokens
 BACKENDS = ("exact", "ivf", "hnsw", "lmdb")
-# largest memory a backend is built at, for build time on a 2-core CPU: hnsw inserts about 1,000 rows/s per core
-# there (hours at 16M), and ivf past 4M rows retrains k-means with 16k lists and reassigns every row
+# largest memory a backend is built at, for build time on a 2-core CPU: hnsw inserted about 2,800 rows/s on one
+# thread there (over 1.5 h for 16M), and past 4M rows ivf would retrain k-means with 16k lists and reassign every row
 MAX_ROWS: dict[str, int] = {"hnsw": 1 << 18, "ivf": 1 << 22}
 FEED_TOKENS = 1 << 16  # tokens per feed call while filling
 QUERY_WINDOWS = 128  # query windows per forward
@@ -48,17 +48,20 @@ WARMUP = 128  # query windows about other entries, asked before the measured one
 
 def evaluate(models: Mapping[str, Path], sizes: Sequence[int], backends: Sequence[str] = BACKENDS, *,
              queries: int = 512, k: int = 4, seed: int = 0, max_rows: Mapping[str, int] = MAX_ROWS,
-             workdir: Path | None = None, log: Any = print) -> list[dict[str, Any]]:
-    """Accuracy, fill and query time and memory size per model, backend and memory size (tokens)."""
+             target_recall: float | None = None, workdir: Path | None = None,
+             log: Any = print) -> list[dict[str, Any]]:
+    """Accuracy, fill and query time and memory size per model, backend and memory size (tokens).
+
+    ``target_recall`` is given to ivf and hnsw (None: their default)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="kvmem-fot-", dir=workdir) as work:
         for name, path in models.items():
             results += _evaluate_model(name, Path(path), sizes, backends, queries, k, seed, max_rows,
-                                       Path(work), log)
+                                       target_recall, Path(work), log)
     return results
 
 
-def _evaluate_model(name, path, sizes, backends, queries, k, seed, max_rows, work, log):
+def _evaluate_model(name, path, sizes, backends, queries, k, seed, max_rows, target_recall, work, log):
     """The model reads the dictionary once, into an ``exact`` store (bfloat16) grown size by size; at each
     size every other backend gets a fresh store holding a copy of its rows, measured, then closed, so
     one large store besides the exact one is alive at a time.
@@ -100,17 +103,22 @@ def _evaluate_model(name, path, sizes, backends, queries, k, seed, max_rows, wor
             if size > max_rows.get(backend, size):
                 continue
             lmdb = work / f"{name}-lmdb-{size}"
-            adapter = reader if backend == "exact" else _attach(
-                path, backend, positions, k, W, {"path": str(lmdb)} if backend == "lmdb" else {})
+            options = {"path": str(lmdb)} if backend == "lmdb" else {}
+            if backend in ("ivf", "hnsw") and target_recall is not None:
+                options["target_recall"] = target_recall
+            adapter = reader if backend == "exact" else _attach(path, backend, positions, k, W, options)
             store = adapter.stores[MEMORY_LAYERS[0]]
             add_s = 0.0 if adapter is reader else _copy_rows(source, store, base=W)
             window_logits(adapter.model, warmup)  # an approximate store calibrates on the queries it is asked
+            if hasattr(store, "freeze"):
+                store.freeze()  # the measured queries neither join the sample nor move the knob
             acc, query_s = _accuracy(adapter.model, ids, where, answers)
             results.append({"model": name, "backend": backend, "tokens": size, "accuracy": acc,
                             "fill_s": fill_s + add_s, "add_s": add_s, "query_ms": 1e3 * query_s / answers.numel(),
-                            "rows": len(store), "disk_mb": _disk_mb(lmdb), "ram_mb": _ram_mb(store)})
+                            "rows": len(store), "disk_mb": _disk_mb(lmdb), "ram_mb": _ram_mb(store),
+                            **_calibrated(store)})
             log(f"{name} {size:,} tokens: {backend} {acc:.3f} (fill {fill_s + add_s:.0f} s, add {add_s:.0f} s, "
-                f"{results[-1]['query_ms']:.2f} ms/query)")
+                f"{results[-1]['query_ms']:.2f} ms/query{_knob(results[-1])})")
             if adapter is not reader:
                 adapter.detach()
                 shutil.rmtree(lmdb, ignore_errors=True)
@@ -173,6 +181,25 @@ def window_logits(model, ids: torch.Tensor, batch: int = QUERY_WINDOWS) -> tuple
     return torch.cat(out), seconds
 
 
+def _calibrated(store: Any) -> dict[str, Any]:
+    """The knob an approximate store searched at, and the recall it measured there (on asked queries)."""
+    if not hasattr(store, "calibration"):
+        return {}
+    done = [c for c in store.calibration() if c is not None]
+    if not done:
+        return {"knob": None}
+    c = done[0]
+    return {"knob": "exact" if c.exact else c.value, "calibrated_recall": c.recall, "calibrated_k": c.k,
+            "calibrated_on_asked": c.queries, "target_recall": store.target_recall}
+
+
+def _knob(r: Mapping[str, Any]) -> str:
+    if r.get("knob") is None:
+        return ""
+    return (f", knob {r['knob']}: recall@{r['calibrated_k']} {r['calibrated_recall']:.3f} on "
+            f"{r['calibrated_on_asked']} asked queries")
+
+
 def _ram_mb(store: Any) -> float:
     """Bytes of keys and values held, as stored (index overheads not counted)."""
     item = torch.empty(0, dtype=store.dtype).element_size()
@@ -204,10 +231,10 @@ def render(data: Mapping[str, Any]) -> str:
         return "–" if value is None or not math.isfinite(value) else format(value, fmt)
 
     trows = [[f"{r['tokens']:,}", r["backend"], *(num(r, key, fmt) for key, fmt in (
-        ("fill_s", ".0f"), ("add_s", ".0f"), ("query_ms", ".2f"), ("ram_mb", ".0f"), ("disk_mb", ".0f")))]
-        for r in timed if r["model"] == first]
+        ("fill_s", ".0f"), ("add_s", ".0f"), ("query_ms", ".2f"), ("ram_mb", ".0f"), ("disk_mb", ".0f"))),
+        _knob(r).removeprefix(", ") or "–"] for r in timed if r["model"] == first]
     times = markdown_table(["memory tokens", "backend", "fill s", "of it add s", "ms per query", "keys+values MB",
-                            "disk MB"], trows)
+                            "disk MB", "knob searched at"], trows)
     return "\n".join(lines) + "\n\nAccuracy:\n\n" + table + f"\n\nFill, query and size ({first}):\n\n" + times + "\n"
 
 
@@ -279,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     e.add_argument("--k", type=int, default=4, help="memory rows each query attends to")
     e.add_argument("--max-rows", default=",".join(f"{b}={n}" for b, n in MAX_ROWS.items()),
                    help="backend=rows,... largest memory per backend")
+    e.add_argument("--target-recall", type=float, default=None, help="ivf and hnsw (default: theirs)")
     e.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     e.add_argument("--out", required=True)
     r = sub.add_parser("report", help="merge eval folders (models evaluated in separate processes)")
@@ -302,7 +330,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         models = {Path(p).name: Path(p) for p in args.models.split(",")}
         limits = {b: int(n) for b, n in (kv.split("=") for kv in args.max_rows.split(",") if kv)}
         run_eval(models, [int(s) for s in args.sizes.split(",")], args.backends.split(","), Path(args.out),
-                 queries=args.queries, k=args.k, max_rows=limits, log=lambda m: print(m, flush=True))
+                 queries=args.queries, k=args.k, max_rows=limits, target_recall=args.target_recall,
+                 log=lambda m: print(m, flush=True))
     elif args.command == "report":
         merged: dict[str, Any] = {"training": {}, "results": []}
         for run in args.runs.split(","):
