@@ -109,7 +109,8 @@ def _evaluate_model(name, path, sizes, backends, queries, k, seed, max_rows, tar
             adapter = reader if backend == "exact" else _attach(path, backend, positions, k, W, options)
             store = adapter.stores[MEMORY_LAYERS[0]]
             add_s = 0.0 if adapter is reader else _copy_rows(source, store, base=W)
-            window_logits(adapter.model, warmup)  # an approximate store calibrates on the queries it is asked
+            if len(warmup):  # an approximate store calibrates on the queries it is asked
+                window_logits(adapter.model, warmup)
             if hasattr(store, "freeze"):
                 store.freeze()  # the measured queries neither join the sample nor move the knob
             acc, query_s = _accuracy(adapter.model, ids, where, answers)
@@ -318,15 +319,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     q = sub.add_parser("quick", help="train and evaluate at tiny sizes")
     q.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     if args.command == "train":
-        if args.threads:
-            torch.set_num_threads(args.threads)
         config = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
         record = train(Task(), config, Path(args.out), log=lambda m: print(m, flush=True))
         print(f"{record['steps']} steps, {record['seconds']:.0f} s, final loss {record['final_loss']:.4f}")
     elif args.command == "eval":
-        if args.threads:
-            torch.set_num_threads(args.threads)
         models = {Path(p).name: Path(p) for p in args.models.split(",")}
         limits = {b: int(n) for b, n in (kv.split("=") for kv in args.max_rows.split(",") if kv)}
         run_eval(models, [int(s) for s in args.sizes.split(",")], args.backends.split(","), Path(args.out),

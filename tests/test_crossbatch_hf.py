@@ -150,6 +150,10 @@ def test_fot_lookup_runs_end_to_end(tmp_path):
     assert json.loads((tmp_path / "fot_lookup.json").read_text())["training"]["control"]["train"]["d"] == "1"
     assert (tmp_path / "fot_lookup.png").stat().st_size > 0
     assert "memory tokens" in fot_lookup.render(data)
+    # a dictionary with no entries left over for the warm-up queries, and ivf given a target recall
+    small = fot_lookup.evaluate({"m": tmp_path / "crossbatch"}, [320], ["exact", "ivf"], queries=64,
+                                target_recall=0.99, max_rows={}, log=lambda *_: None)
+    assert {r["backend"] for r in small} == {"window only", "exact", "ivf"}
 
 
 def test_query_windows_batched_in_one_forward_score_as_one_window_per_forward():
