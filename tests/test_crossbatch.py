@@ -72,6 +72,14 @@ def test_crossbatch_equals_the_concatenated_reference_in_values_and_gradients(do
     assert all(g.abs().sum() > 0 for g in g_ours)  # gradients reach queries, keys and values
 
 
+def test_one_window_per_document_attends_to_itself_only():
+    q, k, v, mq, mk = _inputs(docs=3, windows=1)
+    gate = torch.randn(4, dtype=torch.float64)
+    for g in (None, gate):
+        ours = crossbatch_attention(q, k, v, docs=3, d=2, memory_query=mq, memory_key=mk, scaling=0.7, gate=g)
+        torch.testing.assert_close(ours, _reference(q, k, v, 3, 2, mq, mk, 0.7, g))
+
+
 def test_crossbatch_gradcheck_float64(layout):
     q, k, v, mq, mk = _inputs(docs=2, windows=2, H=2, Hkv=1, W=2, dh=2)
     gate = torch.randn(2, dtype=torch.float64, requires_grad=True)
