@@ -53,7 +53,7 @@ def margins(path: Path, entries: int, queries: int = 200, k: int = 4, seed: int 
     Q = Q.view(n, -1, dh)
     scaling = model.model.layers[MEMORY_LAYERS[0]].self_attn.scaling
     true = torch.einsum("qhd,qd->qh", Q, K[pick, SLOT - 1]) * scaling  # (n, H)
-    digits = torch.stack([codes // task.keys**2, codes // task.keys % task.keys, codes % task.keys], 1)
+    digits = task.digits(codes)  # (N, 3)
     above = torch.zeros(n, Q.shape[1], dtype=torch.long)
     best = torch.full((4, n, Q.shape[1]), -torch.inf)  # value rows sharing 0, 1, 2, 3 key tokens
     count = torch.zeros(4, n)
@@ -83,10 +83,9 @@ def margins(path: Path, entries: int, queries: int = 200, k: int = 4, seed: int 
         sizes = torch.bincount(t, minlength=sums[g].shape[-1]).float()
         group_mean = sums[g] / sizes.clamp(min=1)
         explained[g] = float((((group_mean - mean[..., None]) ** 2) * sizes).sum(-1).div(entries).mean())
-    first_ = above == 0
     out: dict[str, Any] = {
         "entries": entries, "queries": n, "rows": entries * SLOT, "k": k,
-        "true_first_per_head": first_.float().mean(0).tolist(),
+        "true_first_per_head": (above == 0).float().mean(0).tolist(),
         "true_in_top_k_of_some_head": float((above < k).any(1).float().mean()),
         "true_score_median": float(true.median()), "value_row_score_mean": float(mean.mean()),
         "value_row_score_std": float(variance.clamp(min=0).sqrt().mean()),

@@ -53,9 +53,14 @@ class Task:
         """(n,), (n,) -> (n, 5) tokens ``ASK k1 k2 k3 v``."""
         return torch.cat([torch.full_like(values, ASK)[:, None], self._key(codes), (2 + values)[:, None]], 1)
 
+    def digits(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (n,) -> (n, 3): the key token index at each key position, before any offset."""
+        K = self.keys
+        return torch.stack([codes // (K * K), (codes // K) % K, codes % K], 1)
+
     def _key(self, codes: torch.Tensor) -> torch.Tensor:
         K = self.keys
-        digits = torch.stack([codes // (K * K), (codes // K) % K, codes % K], 1)  # (n, 3)
+        digits = self.digits(codes)  # (n, 3)
         if self.split:
             digits = digits + K * torch.arange(3, device=codes.device)
         return 2 + self.values + digits
